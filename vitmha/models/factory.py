@@ -1,0 +1,38 @@
+"""`create_backbone`: a timm ViT arch name in, a vitmha encoder (optionally with weights) out."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Union
+
+from vitmha.models.config import arch_config, pretrained_cfg, split_name
+from vitmha.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+from vitmha.models.weights import load_into, resolve_pretrained_file
+
+Pretrained = Union[bool, str, os.PathLike, Mapping]
+
+
+def create_backbone(name: str, pretrained: Pretrained = False, **overrides: Any) -> VisionTransformer:
+    """Build timm arch `name` ('arch' or 'arch.tag') as a vitmha VisionTransformer.
+
+    `overrides` are timm.create_model's (img_size, num_classes, global_pool, depth, drop_path_rate,
+    dynamic_img_size, ...). `pretrained`: False (random init), True (timm's pretrained weights from the local
+    hub cache), a path (.safetensors, .pth/.pt/.bin, .npz) or a state dict. Raises WeightsError when weights
+    cannot be read or do not fit, UnsupportedArchError for timm archs vitmha does not reproduce.
+    """
+    fused_attn = overrides.pop("fused_attn", True)
+    cfg = arch_config(name, **overrides)
+    model = VisionTransformer(**cfg, fused_attn=fused_attn)
+    pcfg = pretrained_cfg(name)
+    model.pretrained_cfg = {
+        **{k: v for k, v in pcfg.items() if k in ("mean", "std", "crop_pct", "interpolation", "hf_hub_id", "tag",
+                                                  "architecture", "license")},
+        "mean": tuple(pcfg.get("mean", IMAGENET_MEAN)),
+        "std": tuple(pcfg.get("std", IMAGENET_STD)),
+        "input_size": (cfg["in_chans"], *model.patch_embed.img_size),
+        "architecture": split_name(name)[0],
+    }
+    if pretrained is True:
+        load_into(model, resolve_pretrained_file(name))
+    elif pretrained:
+        load_into(model, pretrained)
+    return model

@@ -1,0 +1,443 @@
+"""The Vision Transformer encoder: patch embedding -> prefix tokens + position embedding -> pre-norm blocks
+-> final norm -> pooling -> head.
+
+Argument and module names follow timm's `VisionTransformer`, so `create_backbone` can pass timm's
+overrides through and timm checkpoints load key for key.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitmha.models.attention import Attention, AttentionPool
+from vitmha.models.layers import (DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, Size2, SwiGLU, lecun_normal_,
+                                  make_norm, mlp_hidden, to_2tuple, trunc_normal_)
+from vitmha.models.resample import resample_pos_embed
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each with LayerScale and DropPath."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_hidden_dim: int,
+        mlp_layer: str = "mlp",
+        act_layer: str = "gelu",
+        norm_layer,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
+                              proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                              norm_layer=norm_layer, fused=fused_attn)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        mlp_norm = norm_layer(mlp_hidden_dim // 2 if mlp_layer.startswith("glu") or mlp_layer == "swiglu_packed"
+                              else mlp_hidden_dim) if scale_mlp_norm else None
+        mlp_args = dict(act=act_layer, bias=proj_bias, drop=proj_drop, norm=mlp_norm)
+        if mlp_layer == "mlp":
+            self.mlp = Mlp(dim, mlp_hidden_dim, **mlp_args)
+        elif mlp_layer == "swiglu":
+            self.mlp = SwiGLU(dim, mlp_hidden_dim, **mlp_args)
+        elif mlp_layer in ("swiglu_packed", "glu"):
+            self.mlp = GluMlp(dim, mlp_hidden_dim, gate_last=False, **mlp_args)
+        elif mlp_layer == "glu_gate_last":
+            self.mlp = GluMlp(dim, mlp_hidden_dim, gate_last=True, **mlp_args)
+        else:
+            raise ValueError(f"unknown mlp_layer {mlp_layer!r}; expected mlp, swiglu, swiglu_packed, glu, glu_gate_last")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Same output as `forward`, plus the attention probabilities (B, heads, N, N)."""
+        y, attn = self.attn(self.norm1(x), attn_mask=attn_mask, return_attn=True)
+        x = x + self.drop_path1(self.ls1(y))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), attn
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al., 2021) with the variations timm's ViT families use.
+
+    (B, in_chans, H, W) -> logits (B, num_classes), or pooled features (B, embed_dim) when num_classes=0.
+
+    Args:
+        img_size: input size the position embedding is laid out for (int or (H, W)).
+        patch_size: side of the square (or (h, w)) patches.
+        in_chans: image channels.
+        num_classes: classifier outputs; 0 for no head.
+        global_pool: '' (none), 'token' (class token), 'avg', 'max', 'avgmax', or 'map' (attention pooling).
+        embed_dim: token width D.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block; head width is embed_dim / num_heads.
+        mlp_ratio: MLP hidden width over embed_dim.
+        qkv_bias: bias on the fused qkv projection.
+        qk_norm: normalise queries and keys per head before the dot product.
+        scale_attn_norm: norm on the attention output before its projection.
+        scale_mlp_norm: norm inside the MLP before fc2.
+        proj_bias: bias on the attention output projection and the MLP layers.
+        init_values: LayerScale initial value; None disables LayerScale.
+        class_token: prepend a learned class token.
+        reg_tokens: number of register tokens after the class token.
+        no_embed_class: position embedding covers patches only (prefix tokens get none).
+        pos_embed: 'learn' (learned absolute) or 'none'.
+        pre_norm: norm after the embeddings, before the blocks (CLIP's ln_pre).
+        final_norm: apply the final norm (before pooling, or after it as fc_norm).
+        fc_norm: norm after pooling instead of before; None = on for avg/max pooling.
+        pool_include_prefix: average over prefix tokens as well.
+        dynamic_img_size: accept any input size, resampling the position embedding on the fly.
+        dynamic_img_pad: pad inputs up to a multiple of the patch size (with dynamic_img_size).
+        drop_rate: dropout before the head.
+        pos_drop_rate: dropout after adding the position embedding.
+        proj_drop_rate: dropout after attention/MLP projections.
+        attn_drop_rate: dropout on attention probabilities.
+        drop_path_rate: stochastic depth, growing linearly to this value over the blocks.
+        patch_bias: bias in the patch projection; None = not pre_norm (as CLIP).
+        patch_norm: norm the patch tokens inside the patch embedding.
+        norm_layer: 'layernorm' or 'rmsnorm'.
+        norm_eps: epsilon of every norm.
+        norm_bias: LayerNorm with bias.
+        act_layer: MLP activation: gelu, gelu_tanh, quick_gelu, silu, relu.
+        mlp_layer: mlp, swiglu (separate gate), swiglu_packed / glu (packed gate first), glu_gate_last.
+        attn_pool_heads: heads of the 'map' pooling; None = num_heads.
+        attn_pool_mlp_ratio: MLP ratio of the 'map' pooling; None = mlp_ratio.
+        attn_pool_latent_len: latent queries of the 'map' pooling.
+        attn_pool_act: activation in the 'map' pooling MLP; None = act_layer.
+        fused_attn: use F.scaled_dot_product_attention (False: explicit softmax path, same numbers).
+        weight_init: 'timm' (trunc-normal 0.02) or 'jax' (xavier / lecun as big_vision).
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: Size2 = 224,
+        patch_size: Size2 = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: Literal["", "token", "avg", "max", "avgmax", "map"] = "token",
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        init_values: Optional[float] = None,
+        class_token: bool = True,
+        reg_tokens: int = 0,
+        no_embed_class: bool = False,
+        pos_embed: str = "learn",
+        pre_norm: bool = False,
+        final_norm: bool = True,
+        fc_norm: Optional[bool] = None,
+        pool_include_prefix: bool = False,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        patch_bias: Optional[bool] = None,
+        patch_norm: bool = False,
+        norm_layer: str = "layernorm",
+        norm_eps: float = 1e-6,
+        norm_bias: bool = True,
+        act_layer: str = "gelu",
+        mlp_layer: str = "mlp",
+        attn_pool_heads: Optional[int] = None,
+        attn_pool_mlp_ratio: Optional[float] = None,
+        attn_pool_latent_len: int = 1,
+        attn_pool_act: Optional[str] = None,
+        fused_attn: bool = True,
+        weight_init: str = "timm",
+    ) -> None:
+        super().__init__()
+        if global_pool not in ("", "token", "avg", "max", "avgmax", "map"):
+            raise ValueError(f"global_pool={global_pool!r}: expected '', 'token', 'avg', 'max', 'avgmax' or 'map'")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if pos_embed not in ("learn", "none", ""):
+            raise ValueError(f"pos_embed={pos_embed!r}: expected 'learn' or 'none'")
+        use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
+        norm = partial(make_norm, norm_layer, eps=norm_eps, bias=norm_bias)
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.has_class_token = class_token
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.no_embed_class = no_embed_class
+        self.pool_include_prefix = pool_include_prefix
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+        self.pretrained_cfg: Dict = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                                     "input_size": (in_chans, *to_2tuple(img_size))}
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            bias=(not pre_norm) if patch_bias is None else patch_bias,
+            norm=norm(embed_dim) if patch_norm else None,
+            dynamic=dynamic_img_size, dynamic_pad=dynamic_img_pad)
+        n_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        embed_len = n_patches if no_embed_class else n_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim)) if pos_embed == "learn" else None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.norm_pre = norm(embed_dim) if pre_norm else nn.Identity()
+
+        hidden = mlp_hidden(embed_dim, mlp_ratio)
+        dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_hidden_dim=hidden, mlp_layer=mlp_layer, act_layer=act_layer,
+                  norm_layer=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_attn_norm=scale_attn_norm,
+                  scale_mlp_norm=scale_mlp_norm, proj_bias=proj_bias, init_values=init_values,
+                  attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn)
+            for i in range(depth)])
+        self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
+        if global_pool == "map":
+            self.attn_pool = AttentionPool(
+                embed_dim, attn_pool_heads or num_heads,
+                mlp_hidden=mlp_hidden(embed_dim, attn_pool_mlp_ratio or mlp_ratio),
+                latent_len=attn_pool_latent_len, norm_layer=norm, act=attn_pool_act or act_layer, fused=fused_attn)
+        else:
+            self.attn_pool = None
+        self.fc_norm = norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights(weight_init)
+
+    # ------------------------------------------------------------------ init / bookkeeping
+    def init_weights(self, mode: str = "timm") -> None:
+        """Random init: trunc-normal(0.02) linears ('timm') or xavier/lecun ('jax'); tokens near zero."""
+        if self.pos_embed is not None:
+            trunc_normal_(self.pos_embed, std=0.02)
+        for tok in (self.cls_token, self.reg_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if name == "head":
+                    nn.init.zeros_(m.weight)
+                elif mode == "jax":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                lecun_normal_(m.weight) if mode == "jax" else trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """Parameter names that AdamW should not decay (tokens and position embeddings)."""
+        names = {"pos_embed", "cls_token", "reg_token", "attn_pool.latent"}
+        return {n for n, _ in self.named_parameters() if n in names}
+
+    @property
+    def num_layer_ids(self) -> int:
+        return len(self.blocks) + 2
+
+    def param_layer_id(self, name: str) -> int:
+        """Depth of a parameter for layer-wise lr decay: 0 embeddings, i+1 for blocks.i, depth+1 after."""
+        if name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Switch every attention between the fused and the explicit path (same numbers)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, AttentionPool)):
+                m.fused = enable
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the head with a fresh one of `num_classes` outputs (0 removes it)."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if (global_pool == "map") != (self.attn_pool is not None):
+                raise ValueError("switching to or from 'map' pooling needs a new model")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    # ------------------------------------------------------------------ forward
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, N, D) or grid (B, h, w, D) -> (B, prefix + N, D) with position embedding."""
+        B = x.shape[0]
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(B, -1, -1))
+        pos_embed = self.pos_embed
+        if x.ndim == 4:                                                  # dynamic size: (B, h, w, D)
+            h, w = x.shape[1:3]
+            if pos_embed is not None:
+                pos_embed = resample_pos_embed(
+                    pos_embed, (h, w), old_size=self.patch_embed.grid_size,
+                    num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
+            x = x.reshape(B, h * w, -1)
+        if pos_embed is None:
+            return torch.cat(prefix + [x], dim=1)
+        if self.no_embed_class:
+            x = torch.cat(prefix + [x + pos_embed], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos_embed
+        return self.pos_drop(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_pre(self._pos_embed(self.patch_embed(x)))
+
+    def _grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        ph, pw = self.patch_embed.patch_size
+        H, W = x.shape[-2:]
+        return (-(-H // ph), -(-W // pw)) if self.patch_embed.dynamic_pad else (H // ph, W // pw)
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
+        x = self._embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x, attn_mask)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
+        """(B, prefix + N, D) -> (B, D) by the configured pooling."""
+        if self.attn_pool is not None:
+            return self.attn_pool(x if self.pool_include_prefix else x[:, self.num_prefix_tokens:])
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if not pool_type:
+            return x
+        if pool_type == "token":
+            return x[:, 0]
+        x = x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]
+        if pool_type == "avg":
+            return x.mean(1)
+        if pool_type == "max":
+            return x.amax(1)
+        return 0.5 * (x.amax(1) + x.mean(1))                             # avgmax
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled features (pre_logits) or logits."""
+        x = self.head_drop(self.fc_norm(self.pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _resolve_indices(self, indices: Union[int, Sequence[int], None]) -> List[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return list(range(depth))
+        if isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: asked for the last {indices} of {depth} blocks")
+            return list(range(depth - indices, depth))
+        out = []
+        for i in indices:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise ValueError(f"block index {i} is out of range for a model of depth {depth}")
+            out.append(j)
+        return out
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Union[int, Sequence[int], None] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Outputs of chosen blocks, as (B, D, h, w) maps ('NCHW') or (B, N, D) tokens ('NLC').
+
+        `indices`: an int n takes the last n blocks, a list takes those blocks (negative counts from the end).
+        Returns the list, or (final normed tokens, list) unless `intermediates_only`. With
+        `return_prefix_tokens` each entry is (map, prefix tokens).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
+        take = self._resolve_indices(indices)
+        h, w = self._grid(x)
+        B = x.shape[0]
+        x = self._embed(x)
+        last = max(take) if (stop_early or intermediates_only) else len(self.blocks) - 1
+        feats = []
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take:
+                feats.append(self.norm(x) if norm else x)
+        prefix = [f[:, :self.num_prefix_tokens] for f in feats]
+        feats = [f[:, self.num_prefix_tokens:] for f in feats]
+        if output_fmt == "NCHW":
+            feats = [f.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if return_prefix_tokens:
+            feats = list(zip(feats, prefix))
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+    @torch.no_grad()
+    def forward_attention(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None
+                          ) -> List[torch.Tensor]:
+        """Attention probabilities (B, heads, N, N) of the chosen blocks, N including prefix tokens.
+
+        Runs this same model, taking the explicit attention path only in the chosen blocks.
+        """
+        take = self._resolve_indices([-1] if indices is None else indices)
+        x = self._embed(x)
+        maps = []
+        for i, blk in enumerate(self.blocks[:max(take) + 1]):
+            if i in take:
+                x, attn = blk.forward_with_attn(x)
+                maps.append(attn)
+            else:
+                x = blk(x)
+        return maps

@@ -1,0 +1,336 @@
+"""Reading ViT weights safely and fitting them to a vitmha model.
+
+Files: `.safetensors` (preferred), `.pth/.pt/.bin/.ckpt` (torch.load with weights_only=True: a pickle that
+would build arbitrary objects is refused, nothing in it runs), and big_vision/timm JAX `.npz`.
+Layouts converted: timm's own, Lightning checkpoints of vitmha tasks, DINOv2's original, OpenAI / Open CLIP
+visual towers, DeiT-3 / BEiT `gamma_1/gamma_2`. Then the position embedding is resampled to the model's
+grid, the patch kernel to its patch size, a classifier head of another size is re-initialised with a
+warning, and any other missing, unexpected or mis-shaped key is an error that lists the keys.
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitmha.models.resample import resample_patch_embed, resample_pos_embed
+
+StateDict = Dict[str, torch.Tensor]
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the model; the message names the file and keys."""
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def read_weights(path: Union[str, os.PathLike]) -> StateDict:
+    """Tensors of a weights file, never running code from it. Raises WeightsError naming the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if suffix == ".npz":
+        try:
+            with np.load(str(path), allow_pickle=False) as z:
+                return {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+            raise WeightsError(f"{path}: not a readable .npz file: {e}") from None
+    if suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WeightsError(
+                f"{path}: refused to unpickle: the file holds more than tensors and plain containers, and "
+                f"loading it could run code ({first}). Convert it to .safetensors from a trusted source.") from None
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+            raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from None
+        return unwrap_state_dict(obj, source=str(path))
+    raise WeightsError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth, .pt, .bin or .npz")
+
+
+def unwrap_state_dict(obj, source: str = "weights") -> StateDict:
+    """Take the tensors out of `{'state_dict': …}`, `{'model': …}`, `{'module': …}` containers."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("state_dict", "model", "module", "model_state", "params"):
+                if key in obj and isinstance(obj[key], Mapping):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{source}: expected a state dict, found {type(obj).__name__}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError(f"{source}: holds no tensors")
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+_TASK_PREFIXES = ("model.", "backbone.", "module.", "encoder.", "_orig_mod.")
+
+
+def _strip_prefixes(sd: StateDict) -> StateDict:
+    """Strip wrapper prefixes ('module.', a vitmha task's 'model.' / 'backbone.', ...) shared by all keys."""
+    changed = True
+    while changed:
+        changed = False
+        for p in _TASK_PREFIXES:
+            body = [k for k in sd if k.startswith(p)]
+            if body and len(body) >= 0.5 * len(sd) and any(k.startswith(p + "blocks.") for k in sd):
+                sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
+                changed = True
+    return sd
+
+
+def _convert_openai_clip(sd: StateDict, prefix: str) -> StateDict:
+    """OpenAI / Open CLIP visual tower (`visual.transformer.resblocks.N...`) -> timm names."""
+    out: StateDict = {}
+    rename = {
+        "conv1.weight": "patch_embed.proj.weight", "class_embedding": "cls_token",
+        "positional_embedding": "pos_embed", "ln_pre.weight": "norm_pre.weight", "ln_pre.bias": "norm_pre.bias",
+        "ln_post.weight": "norm.weight", "ln_post.bias": "norm.bias",
+    }
+    block_rename = {
+        "ln_1": "norm1", "ln_2": "norm2", "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias":
+        "attn.qkv.bias", "attn.out_proj": "attn.proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+        "ls_1": "ls1", "ls_2": "ls2",
+    }
+    for k, v in sd.items():
+        if not k.startswith(prefix):
+            continue
+        k = k[len(prefix):]
+        if k == "proj":
+            out["head.weight"] = v.T.contiguous()       # the image projection becomes a zero-bias head
+            out["head.bias"] = torch.zeros(v.shape[1], dtype=v.dtype)
+            continue
+        if k in rename:
+            k = rename[k]
+            if k == "cls_token":
+                v = v.reshape(1, 1, -1)
+            elif k == "pos_embed":
+                v = v.unsqueeze(0)
+        elif k.startswith("transformer.resblocks."):
+            k = "blocks." + k[len("transformer.resblocks."):]
+            for a, b in block_rename.items():
+                k = k.replace(f".{a}", f".{b}")
+        out[k] = v
+    return out
+
+
+def _convert_dinov2(sd: StateDict) -> StateDict:
+    out = {}
+    for k, v in sd.items():
+        if k == "mask_token":
+            continue
+        if k == "register_tokens":
+            k = "reg_token"
+        k = k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")
+        out[k] = v
+    return out
+
+
+def _convert_gamma(sd: StateDict) -> StateDict:
+    out = {}
+    for k, v in sd.items():
+        k = k.replace(".gamma_1", ".ls1.gamma").replace(".gamma_2", ".ls2.gamma")
+        out[k] = v
+    return out
+
+
+def _convert_npz(sd: StateDict, model: nn.Module) -> StateDict:
+    """big_vision / AugReg JAX layout (`Transformer/encoderblock_N/...`) -> timm names."""
+    p = ""
+    if "opt/target/embedding/kernel" in sd:
+        p = "opt/target/"
+    if p + "embedding/kernel" not in sd:
+        raise WeightsError("npz: not a big_vision/AugReg ViT checkpoint (no 'embedding/kernel')")
+
+    def t(k):
+        return sd[p + k].float()
+
+    def conv(w):  # HWIO -> OIHW
+        return w.permute(3, 2, 0, 1) if w.ndim == 4 else w
+
+    heads = model.num_heads if hasattr(model, "num_heads") else None
+    out: StateDict = {"patch_embed.proj.weight": conv(t("embedding/kernel")),
+                      "patch_embed.proj.bias": t("embedding/bias")}
+    if p + "cls" in sd:
+        out["cls_token"] = t("cls")
+    if p + "reg" in sd:
+        out["reg_token"] = t("reg")
+    pe_key = next((k for k in ("Transformer/posembed_input/pos_embedding", "pos_embedding") if p + k in sd), None)
+    if pe_key:
+        out["pos_embed"] = t(pe_key)
+    enc = "Transformer/encoder_norm" if p + "Transformer/encoder_norm/scale" in sd else None
+    if enc:
+        out["norm.weight"], out["norm.bias"] = t(enc + "/scale"), t(enc + "/bias")
+    if p + "head/kernel" in sd:
+        out["head.weight"], out["head.bias"] = t("head/kernel").T, t("head/bias")
+    i = 0
+    while p + f"Transformer/encoderblock_{i}/LayerNorm_0/scale" in sd:
+        b = f"Transformer/encoderblock_{i}/"
+        mha = b + "MultiHeadDotProductAttention_1/"
+        o = f"blocks.{i}."
+        out[o + "norm1.weight"], out[o + "norm1.bias"] = t(b + "LayerNorm_0/scale"), t(b + "LayerNorm_0/bias")
+        out[o + "norm2.weight"], out[o + "norm2.bias"] = t(b + "LayerNorm_2/scale"), t(b + "LayerNorm_2/bias")
+        q, k, v = (t(mha + f"{n}/kernel") for n in ("query", "key", "value"))          # (D, h, d)
+        out[o + "attn.qkv.weight"] = torch.cat([w.flatten(1).T for w in (q, k, v)])
+        out[o + "attn.qkv.bias"] = torch.cat([t(mha + f"{n}/bias").flatten() for n in ("query", "key", "value")])
+        out[o + "attn.proj.weight"] = t(mha + "out/kernel").flatten(0, 1).T
+        out[o + "attn.proj.bias"] = t(mha + "out/bias")
+        mlp = b + "MlpBlock_3/" if p + b + "MlpBlock_3/Dense_0/kernel" in sd else b + "MlpBlock_0/"
+        out[o + "mlp.fc1.weight"], out[o + "mlp.fc1.bias"] = t(mlp + "Dense_0/kernel").T, t(mlp + "Dense_0/bias")
+        out[o + "mlp.fc2.weight"], out[o + "mlp.fc2.bias"] = t(mlp + "Dense_1/kernel").T, t(mlp + "Dense_1/bias")
+        i += 1
+    del heads
+    return out
+
+
+def convert_layout(sd: StateDict, model: nn.Module) -> StateDict:
+    """Bring a state dict of any supported layout to timm's (= vitmha's) key names."""
+    if any("/" in k for k in sd):
+        return _convert_npz(sd, model)
+    sd = _strip_prefixes(sd)
+    for prefix in ("visual.", ""):
+        if f"{prefix}transformer.resblocks.0.ln_1.weight" in sd:
+            return _convert_openai_clip(sd, prefix)
+    if "mask_token" in sd or any(".mlp.w12." in k for k in sd) or "register_tokens" in sd:
+        sd = _convert_dinov2(sd)
+    if any(".gamma_1" in k for k in sd):
+        sd = _convert_gamma(sd)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def _fit_shapes(sd: StateDict, model: nn.Module, source: str) -> StateDict:
+    own = model.state_dict()
+    sd = dict(sd)
+    if "pos_embed" in sd and getattr(model, "pos_embed", None) is not None:
+        pe, target = sd["pos_embed"], own["pos_embed"]
+        if pe.ndim == 2:
+            pe = pe.unsqueeze(0)
+        if pe.shape != target.shape:
+            prefix_model = 0 if model.no_embed_class else model.num_prefix_tokens
+            n_grid = pe.shape[1] - prefix_model
+            if math.isqrt(n_grid) ** 2 != n_grid and prefix_model == 0:
+                # a checkpoint with class-token entries loaded into a no_embed_class model: drop them
+                for p in range(1, 1 + model.num_prefix_tokens + 1):
+                    if math.isqrt(pe.shape[1] - p) ** 2 == pe.shape[1] - p:
+                        pe = pe[:, p:]
+                        break
+            try:
+                pe = resample_pos_embed(pe, model.patch_embed.grid_size, num_prefix_tokens=prefix_model)
+            except ValueError as e:
+                raise WeightsError(f"{source}: pos_embed {tuple(sd['pos_embed'].shape)} cannot be fitted to "
+                                   f"the model's {tuple(target.shape)}: {e}") from None
+        sd["pos_embed"] = pe
+    k = "patch_embed.proj.weight"
+    if k in sd and k in own and sd[k].shape[-2:] != own[k].shape[-2:] and sd[k].shape[:2] == own[k].shape[:2]:
+        sd[k] = resample_patch_embed(sd[k], own[k].shape[-2:])
+    return sd
+
+
+def load_into(model: nn.Module, weights, source: str = "weights") -> None:
+    """Load a file path or a state dict into a vitmha VisionTransformer, converting and checking as described."""
+    if isinstance(weights, (str, os.PathLike)):
+        source = str(weights)
+        sd = read_weights(weights)
+    elif isinstance(weights, Mapping):
+        sd = unwrap_state_dict(weights, source)
+    else:
+        raise WeightsError(f"pretrained must be False, True, a path or a state dict; got {type(weights).__name__}")
+    sd = convert_layout(sd, model)
+    sd = _fit_shapes(sd, model, source)
+    own = model.state_dict()
+
+    head_keys = [k for k in own if k.startswith("head.")]
+    head_mismatch = bool(head_keys) and (any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
+                                         or not any(k in sd for k in head_keys))
+    found_head = tuple(sd["head.weight"].shape) if "head.weight" in sd else "none"
+    if head_mismatch or not head_keys:      # a head of another size is replaced; a headless model drops it
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd.update({k: own[k] for k in head_keys})
+
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mis = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or mis:
+        def fmt(title, keys):
+            if not keys:
+                return ""
+            more = f" … and {len(keys) - 12} more" if len(keys) > 12 else ""
+            return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:12]) + more
+        raise WeightsError(
+            f"{source}: weights do not fit this model (another architecture or size?)"
+            + fmt("missing", missing) + fmt("unexpected", unexpected) + fmt("shape mismatch", mis))
+    if head_mismatch:
+        warnings.warn(f"{source}: classifier head re-initialised for {model.num_classes} classes "
+                      f"(checkpoint head: {found_head})", stacklevel=3)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def resolve_pretrained_file(name: str) -> str:
+    """Local path of timm's pretrained weights for 'arch[.tag]' from the Hugging Face / torch hub cache.
+
+    Works offline (HF_HUB_OFFLINE=1) when the file is cached; otherwise raises WeightsError explaining.
+    """
+    from vitmha.models.config import pretrained_cfg
+
+    cfg = pretrained_cfg(name)
+    if not cfg:
+        raise WeightsError(f"{name}: timm has no pretrained weights for this name")
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        from huggingface_hub import hf_hub_download
+        repo, _, rev = hub_id.partition("@")
+        filenames = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else \
+            ["model.safetensors", "pytorch_model.bin"]
+        errors = []
+        for fn in filenames:
+            try:
+                return hf_hub_download(repo, fn, revision=rev or None)
+            except Exception as e:  # offline, missing from cache, or a network error
+                errors.append(f"{fn}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise WeightsError(f"{name}: pretrained weights from hub repo {repo!r} are not available here "
+                           f"({'; '.join(errors)}). Download them once with network access, or pass "
+                           "pretrained='path/to/weights.safetensors'.")
+    for key in ("file", "url"):
+        loc = cfg.get(key)
+        if loc:
+            cached = Path(loc) if key == "file" else Path(torch.hub.get_dir()) / "checkpoints" / Path(loc).name
+            if cached.is_file():
+                return str(cached)
+    raise WeightsError(f"{name}: pretrained weights are not cached locally and vitmha does not download at run "
+                       "time; pass pretrained='path/to/weights'")
+
+
+def save_timm_safetensors(model: nn.Module, path: Union[str, os.PathLike], include_head: bool = True) -> Path:
+    """Write the encoder's weights with timm's key names, atomically (temporary file + rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+          if include_head or not k.startswith("head.")}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(sd, str(tmp), metadata={"format": "pt", "producer": "vitmha"})
+    os.replace(tmp, path)
+    return path
