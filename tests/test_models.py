@@ -26,6 +26,7 @@ PARITY_CASES = [
     ("vit_base_patch16_siglip_gap_224", dict(SMALL, img_size=64)),                          # avg pool, no class token
     ("vit_medium_patch16_reg4_gap_256", dict(SMALL, img_size=64)),                          # regs + avg + fc_norm
     ("vit_base_patch16_gap_224", dict(SMALL, img_size=64)),
+    ("vit_base_patch16_rpn_224", dict(SMALL, img_size=64)),                                 # res-post-norm blocks
     ("aimv2_large_patch14_224", dict(SMALL, img_size=56)),                                  # RMSNorm, SwiGLU, patch norm
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64, qk_norm=True, init_values=0.1)),    # qk-norm
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64, no_embed_class=True, reg_tokens=2)),

@@ -75,7 +75,8 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
     if not isinstance(m.patch_drop, nn.Identity):
         raise UnsupportedArchError(f"{arch}: patch dropout is not supported")
     blk = m.blocks[0]
-    if type(blk).__name__ != "Block":
+    block_cls = type(blk).__name__
+    if block_cls not in ("Block", "ResPostBlock"):
         raise UnsupportedArchError(f"{arch}: block type {type(blk).__name__} is not supported")
     attn, mlp = blk.attn, blk.mlp
     if type(attn).__name__ != "Attention" or getattr(attn, "gate", None) is not None:
@@ -116,7 +117,9 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
         scale_attn_norm=not _is_identity(attn.norm),
         scale_mlp_norm=not _is_identity(getattr(mlp, "norm", None)),
         proj_bias=attn.proj.bias is not None,
-        init_values=float(blk.ls1.init_values) if not _is_identity(blk.ls1) else None,
+        init_values=(getattr(blk, "init_values", None) if block_cls == "ResPostBlock" else
+                     float(blk.ls1.init_values) if not _is_identity(blk.ls1) else None),
+        res_post_norm=block_cls == "ResPostBlock",
         class_token=m.cls_token is not None,
         reg_tokens=int(m.num_reg_tokens),
         no_embed_class=bool(m.no_embed_class),
@@ -153,7 +156,7 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
         raise UnsupportedArchError(f"{arch}: global_pool={global_pool!r} is not supported")
     # every block must look like the first one
     for i, b in enumerate(m.blocks):
-        if type(b).__name__ != "Block" or type(b.mlp).__name__ != mlp_cls:
+        if type(b).__name__ != block_cls or type(b.mlp).__name__ != mlp_cls:
             raise UnsupportedArchError(f"{arch}: blocks.{i} differs from blocks.0")
     if not _is_identity(m.norm_pre):
         _norm_spec(m.norm_pre, f"{arch} norm_pre")

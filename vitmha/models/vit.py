@@ -45,8 +45,11 @@ class Block(nn.Module):
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         fused_attn: bool = True,
+        res_post_norm: bool = False,
     ) -> None:
         super().__init__()
+        # res-post-norm (Swin-V2 style, timm's ResPostBlock): x + norm(f(x)) instead of x + f(norm(x))
+        self.res_post_norm = res_post_norm
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
                               proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
@@ -69,15 +72,25 @@ class Block(nn.Module):
             raise ValueError(f"unknown mlp_layer {mlp_layer!r}; expected mlp, swiglu, swiglu_packed, glu, glu_gate_last")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if res_post_norm:
+            self.ls1 = self.ls2 = nn.Identity()        # init_values scale the norms instead
+            if init_values is not None:
+                nn.init.constant_(self.norm1.weight, init_values)
+                nn.init.constant_(self.norm2.weight, init_values)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return self.forward_with_attn(x, attn_mask, return_attn=False)[0]
 
-    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
-                          ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Same output as `forward`, plus the attention probabilities (B, heads, N, N)."""
-        y, attn = self.attn(self.norm1(x), attn_mask=attn_mask, return_attn=True)
+    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                          return_attn: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(output, attention probabilities (B, heads, N, N) or None)."""
+        if self.res_post_norm:
+            y = self.attn(x, attn_mask=attn_mask, return_attn=return_attn)
+            y, attn = y if return_attn else (y, None)
+            x = x + self.drop_path1(self.norm1(y))
+            return x + self.drop_path2(self.norm2(self.mlp(x))), attn
+        y = self.attn(self.norm1(x), attn_mask=attn_mask, return_attn=return_attn)
+        y, attn = y if return_attn else (y, None)
         x = x + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), attn
 
@@ -130,6 +143,7 @@ class VisionTransformer(nn.Module):
         attn_pool_latent_len: latent queries of the 'map' pooling.
         attn_pool_act: activation in the 'map' pooling MLP; None = act_layer.
         fused_attn: use F.scaled_dot_product_attention (False: explicit softmax path, same numbers).
+        res_post_norm: blocks norm the branch output (x + norm(f(x))) instead of its input.
         weight_init: 'timm' (trunc-normal 0.02) or 'jax' (xavier / lecun as big_vision).
     """
 
@@ -178,6 +192,7 @@ class VisionTransformer(nn.Module):
         attn_pool_latent_len: int = 1,
         attn_pool_act: Optional[str] = None,
         fused_attn: bool = True,
+        res_post_norm: bool = False,
         weight_init: str = "timm",
     ) -> None:
         super().__init__()
@@ -223,7 +238,8 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_hidden_dim=hidden, mlp_layer=mlp_layer, act_layer=act_layer,
                   norm_layer=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_attn_norm=scale_attn_norm,
                   scale_mlp_norm=scale_mlp_norm, proj_bias=proj_bias, init_values=init_values,
-                  attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn)
+                  attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn,
+                  res_post_norm=res_post_norm)
             for i in range(depth)])
         self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         if global_pool == "map":
