@@ -1,0 +1,27 @@
+"""Lightning data modules, albumentations pipelines and built-in datasets."""
+from vitmha.data.builtin import (DigitsDataModule, SyntheticShapesDataModule, export_digits_folder,
+                                 export_shapes_folder)
+from vitmha.data.errors import DataValidationError, DatasetNotInstalledError, require_dataset
+from vitmha.data.folder import ImageFolderDataModule
+from vitmha.data.realdata import FashionMNISTDataModule, MNIST5kDataModule, NucleiDataModule, read_idx
+from vitmha.data.sampling import EpochSeededSampler
+from vitmha.data.segmentation import SegmentationFolderDataModule
+from vitmha.data.transforms import build_transforms
+
+__all__ = [
+    "ImageFolderDataModule",
+    "SegmentationFolderDataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "MNIST5kDataModule",
+    "NucleiDataModule",
+    "read_idx",
+    "SyntheticShapesDataModule",
+    "DataValidationError",
+    "DatasetNotInstalledError",
+    "EpochSeededSampler",
+    "build_transforms",
+    "export_digits_folder",
+    "export_shapes_folder",
+    "require_dataset",
+]

@@ -1,0 +1,335 @@
+"""ImageFolderDataModule: classification data from ``root/{train,val,test}/<class>/*`` or from CSV lists."""
+from __future__ import annotations
+
+import csv as csvlib
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from vitmha.data.base import BaseDataModule, ImageLabelDataset, PredictDataset, abspath, collate_predict
+from vitmha.data.errors import DataValidationError, Problem
+from vitmha.data.io import (IMAGE_EXTENSIONS, check_image, expand_paths, is_hidden, is_image_file, list_dir,
+                            parallel_map, raise_or_skip)
+from vitmha.data.transforms import build_transforms, classification_eval, classification_train, resolve_mean_std
+
+SPLITS = ("train", "val", "test")
+TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
+
+
+def _rel(path: str, root: str) -> str:
+    try:
+        rel = os.path.relpath(path, root)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+class ImageFolderDataModule(BaseDataModule):
+    """Image classification from class folders (or CSV lists), with albumentations augmentation.
+
+    Layout: ``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test/<class>/*`` and
+    ``root/predict/*``; classes are the sorted folder names under ``train``. Images may be png, jpg,
+    jpeg, bmp, webp, tif or tiff (any case), grey, 16-bit, palette or RGBA; all become 8-bit RGB.
+    Every file is checked in ``setup`` and all problems are reported at once (DataValidationError).
+    Train/val/test batches are ``(image (B,3,H,W) float32, label (B,) int64)``; predict batches are
+    dicts ``{"image", "path", "orig_size" (B,2) (H,W)}``.
+
+    Augmentation is deterministic: sample i of epoch e is augmented from (seed, e, i) only, whatever
+    the number of workers, so a resumed run sees the batches it would have seen.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        pin_memory: Optional[bool] = None,
+        persistent_workers: bool = True,
+        train_transforms: TransformSpec = None,
+        val_transforms: TransformSpec = None,
+        mean: Optional[List[float]] = None,
+        std: Optional[List[float]] = None,
+        backbone: Optional[str] = None,
+        hflip: float = 0.5,
+        scale: Tuple[float, float] = (0.5, 1.0),
+        crop_pct: Optional[float] = None,
+        seed: Optional[int] = None,
+        csv: Optional[Union[str, Dict[str, str]]] = None,
+        skip_bad_files: bool = False,
+        check_files: bool = True,
+        num_classes: Optional[int] = None,
+        predict_paths: Optional[List[str]] = None,
+    ):
+        """
+        Args:
+            root: dataset folder holding ``train/``, ``val/`` (and optionally ``test/``, ``predict/``).
+            image_size: side of the square images fed to the model.
+            batch_size: images per batch.
+            num_workers: dataloader worker processes (0 loads in the main process).
+            pin_memory: pin host memory; None = when CUDA is available.
+            persistent_workers: keep workers alive between epochs (only when num_workers > 0).
+            train_transforms: albumentations spec replacing the default train pipeline: a list of names or
+                ``{class_path, init_args}`` dicts, or an ``A.to_dict`` dict; Normalize+ToTensorV2 are appended.
+            val_transforms: the same for val/test/predict (default: resize to image_size).
+            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            std: normalisation std, resolved like ``mean``.
+            backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            hflip: probability of a horizontal flip in the default train pipeline (0 for digits, text, ...).
+            scale: area range of the default RandomResizedCrop.
+            crop_pct: eval resize as timm (shorter side to image_size/crop_pct, centre crop); None = plain resize.
+            seed: augmentation/shuffle seed; None = ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
+            csv: list mode instead of class folders: a folder (relative to root) holding ``train.csv``,
+                ``val.csv`` [, ``test.csv``], or a dict ``{train: file, val: file, test: file}``; rows are
+                ``path,label`` (paths relative to the csv's folder, label a class name or an int).
+            skip_bad_files: skip unreadable/unsupported files with one warning instead of failing.
+            check_files: check every image in ``setup`` (turn off only for huge, known-good datasets).
+            num_classes: expected number of classes; an error if the data disagrees (default: found).
+            predict_paths: files, folders or globs to predict on (default: ``root/predict``).
+        """
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # see BaseDataModule
+        self.root = abspath(root)
+        self.image_size = int(image_size)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self.train_spec, self.val_spec = train_transforms, val_transforms
+        self.mean, self.std = resolve_mean_std(mean, std, backbone)
+        self.hflip, self.scale, self.crop_pct = hflip, tuple(scale), crop_pct
+        self.seed = seed
+        self.skip_bad_files, self.check_files = skip_bad_files, check_files
+        self.predict_paths = predict_paths
+        self.csv_files = self._csv_files(csv)
+        self.datasets: Dict[str, Any] = {}
+        self._items: Optional[Dict[str, List[Tuple[str, int]]]] = None
+        # transforms are built now so that a bad spec fails at instantiation, with the config at hand
+        self.train_transform = build_transforms(
+            train_transforms, classification_train(self.image_size, self.mean, self.std, hflip, self.scale),
+            self.mean, self.std, "train_transforms")
+        self.val_transform = build_transforms(
+            val_transforms, classification_eval(self.image_size, self.mean, self.std, crop_pct),
+            self.mean, self.std, "val_transforms")
+
+        self.classes: List[str] = self._find_classes(num_classes)
+        self.num_classes: int = len(self.classes)
+        if num_classes is not None and num_classes != self.num_classes:
+            raise DataValidationError(
+                [(self._train_location(), f"num_classes={num_classes} was given but the data has "
+                  f"{self.num_classes} classes: {self.classes}")])
+
+    # --- discovery (cheap, in __init__) -------------------------------------------------------------
+
+    def _csv_files(self, csv) -> Optional[Dict[str, str]]:
+        if csv is None:
+            return None
+        if isinstance(csv, dict):
+            unknown = set(csv) - set(SPLITS)
+            if unknown:
+                raise ValueError(f"csv: unknown split(s) {sorted(unknown)}; expected keys {list(SPLITS)}")
+            return {k: abspath(v, self.root) for k, v in csv.items()}
+        folder = abspath(csv, self.root)
+        files = {s: os.path.join(folder, f"{s}.csv") for s in SPLITS}
+        return {s: p for s, p in files.items() if s != "test" or os.path.isfile(p)}
+
+    def _train_location(self) -> str:
+        return self.csv_files["train"] if self.csv_files else os.path.join(self.root, "train")
+
+    def _find_classes(self, num_classes: Optional[int]) -> List[str]:
+        if self.csv_files:
+            path = self.csv_files.get("train")
+            if not path or not os.path.isfile(path):
+                raise DataValidationError([(path or self.root, "missing train csv (rows: path,label)")])
+            labels = [lab for _, lab, _ in self._read_csv(path)]
+            if labels and all(_is_int(lab) for lab in labels):
+                n = num_classes if num_classes is not None else max(int(lab) for lab in labels) + 1
+                return [str(i) for i in range(n)]
+            return sorted(set(labels))
+        train = os.path.join(self.root, "train")
+        if not os.path.isdir(train):
+            problems = [(train, "missing split folder (expected train/<class>/<image>)")]
+            if not os.path.isdir(self.root):
+                problems = [(self.root, "data root does not exist")]
+            raise DataValidationError(problems, header=f"cannot find the classes of {self.root}:")
+        classes = [d for d in list_dir(train) if os.path.isdir(os.path.join(train, d))]
+        if not classes:
+            raise DataValidationError([(train, "no class folders (expected train/<class>/<image>)")])
+        return classes
+
+    @staticmethod
+    def _read_csv(path: str) -> List[Tuple[str, str, int]]:
+        """Rows (path, label, line number); a header row ``path,label`` is skipped."""
+        rows = []
+        with open(path, newline="") as f:
+            for lineno, row in enumerate(csvlib.reader(f), start=1):
+                if not row or all(not c.strip() for c in row):
+                    continue
+                if lineno == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]:
+                    continue
+                if len(row) < 2:
+                    rows.append((row[0].strip(), "", lineno))
+                else:
+                    rows.append((row[0].strip(), row[1].strip(), lineno))
+        return rows
+
+    # --- listing and validation ---------------------------------------------------------------------
+
+    def _list_split_folders(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, int]]:
+        folder = os.path.join(self.root, split)
+        index = {c: i for i, c in enumerate(self.classes)}
+        items = []
+        for name in list_dir(folder):
+            cdir = os.path.join(folder, name)
+            if not os.path.isdir(cdir):
+                bad.append((_rel(cdir, self.root), f"file outside a class folder (expected {split}/<class>/<image>)"))
+                continue
+            if name not in index:
+                problems.append((_rel(cdir, self.root), f"class folder '{name}' is not in train/ (train classes: "
+                                 f"{', '.join(self.classes[:20])}{' ...' if len(self.classes) > 20 else ''})"))
+                continue
+            found = 0
+            for dirpath, dirnames, names in os.walk(cdir):
+                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+                for n in sorted(names):
+                    if is_hidden(n):
+                        continue
+                    p = os.path.join(dirpath, n)
+                    if is_image_file(n):
+                        items.append((p, index[name]))
+                        found += 1
+                    else:
+                        bad.append((_rel(p, self.root), f"unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"))
+            if found == 0:
+                problems.append((_rel(cdir, self.root), "empty class folder (no images)"))
+        return items
+
+    def _list_split_csv(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, int]]:
+        path = self.csv_files[split]
+        base = os.path.dirname(path)
+        index = {c: i for i, c in enumerate(self.classes)}
+        items = []
+        for p, label, lineno in self._read_csv(path):
+            where = f"{_rel(path, self.root)}:{lineno}"
+            if label in index:
+                target = index[label]
+            elif _is_int(label):
+                target = int(label)
+                if not 0 <= target < self.num_classes:
+                    problems.append((where, f"label {label} outside 0..{self.num_classes - 1}"))
+                    continue
+            else:
+                problems.append((where, f"label '{label}' is not a class of the train csv "
+                                 f"({', '.join(self.classes[:20])})"))
+                continue
+            full = abspath(p, base)
+            if not os.path.isfile(full):
+                bad.append((_rel(full, self.root), f"file listed in {where} does not exist"))
+            elif not is_image_file(full):
+                bad.append((_rel(full, self.root), f"unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"))
+            else:
+                items.append((full, target))
+        return items
+
+    def validate_files(self) -> Dict[str, List[Tuple[str, int]]]:
+        """List and check every split; raise one DataValidationError listing every problem.
+
+        With ``skip_bad_files`` unreadable/unsupported files are dropped with one warning; structural
+        problems (missing split, empty class, unknown class) still raise. Returns {split: [(path, label)]}.
+        """
+        if self._items is not None:
+            return self._items
+        problems: List[Problem] = []  # structural: never skipped
+        bad: List[Problem] = []  # per file: skippable
+        items: Dict[str, List[Tuple[str, int]]] = {}
+        for split in SPLITS:
+            if self.csv_files is not None:
+                if split not in self.csv_files:
+                    continue
+                if not os.path.isfile(self.csv_files[split]):
+                    problems.append((self.csv_files[split], "missing csv file (rows: path,label)"))
+                    continue
+                items[split] = self._list_split_csv(split, problems, bad)
+            else:
+                folder = os.path.join(self.root, split)
+                if not os.path.isdir(folder):
+                    if split != "test":
+                        problems.append((_rel(folder, self.root) + "/",
+                                         f"missing split folder (expected {split}/<class>/<image>)"))
+                    continue
+                items[split] = self._list_split_folders(split, problems, bad)
+        if self.check_files:
+            for split, lst in items.items():
+                errs = parallel_map(check_image, [p for p, _ in lst])
+                bad_paths = set()
+                for (p, _), err in zip(lst, errs):
+                    if err:
+                        bad.append((_rel(p, self.root), err))
+                        bad_paths.add(p)
+                if bad_paths:
+                    items[split] = [it for it in lst if it[0] not in bad_paths]
+                    if self.csv_files is None:
+                        self._recheck_empty(split, lst, items[split], problems)
+        raise_or_skip(problems, bad, self.skip_bad_files, self.root)
+        self._items = items
+        return items
+
+    def _recheck_empty(self, split, before, after, problems) -> None:
+        had = {lab for _, lab in before}
+        has = {lab for _, lab in after}
+        for lab in sorted(had - has):
+            if self.skip_bad_files:
+                problems.append((f"{split}/{self.classes[lab]}", "class folder has no readable image"))
+
+    # --- Lightning hooks ------------------------------------------------------------------------------
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "predict":
+            self._setup_predict()
+            return
+        items = self.validate_files()
+        self.datasets["train"] = ImageLabelDataset(items["train"], self.train_transform, self.image_size,
+                                                   what="train_transforms")
+        self.datasets["val"] = ImageLabelDataset(items["val"], self.val_transform, self.image_size,
+                                                 what="val_transforms")
+        if "test" in items:
+            self.datasets["test"] = ImageLabelDataset(items["test"], self.val_transform, self.image_size,
+                                                      what="val_transforms")
+        if stage == "test" and "test" not in items:
+            where = self.csv_files["test"] if self.csv_files else os.path.join(self.root, "test")
+            raise DataValidationError([(where, "missing test split (needed for `test`)")])
+
+    def _setup_predict(self) -> None:
+        specs = self.predict_paths or [os.path.join(self.root, "predict")]
+        files, problems = expand_paths(specs, base=self.root)
+        if problems or not files:
+            raise DataValidationError(problems or [(str(specs), "no images to predict on")])
+        bad = [(p, e) for p, e in zip(files, parallel_map(check_image, files)) if e] if self.check_files else []
+        raise_or_skip([], bad, self.skip_bad_files, self.root)
+        badset = {p for p, _ in bad}
+        self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
+                                                  self.image_size)
+
+    def train_dataloader(self):
+        return self._loader(self._dataset("train"), train=True)
+
+    def val_dataloader(self):
+        return self._loader(self._dataset("val"), train=False)
+
+    def test_dataloader(self):
+        return self._loader(self._dataset("test"), train=False)
+
+    def predict_dataloader(self):
+        if "predict" not in self.datasets:
+            self._setup_predict()
+        return self._loader(self.datasets["predict"], train=False, collate_fn=collate_predict)
+
+    def _dataset(self, split: str):
+        if split not in self.datasets:
+            self.setup("test" if split == "test" else "fit")
+        return self.datasets[split]
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except (TypeError, ValueError):
+        return False

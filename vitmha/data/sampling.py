@@ -1,0 +1,114 @@
+"""Deterministic, resumable augmentation: sample i of epoch e is augmented from (seed, epoch, i) alone.
+
+The train sampler yields keys ``(index, epoch)`` instead of plain indices; datasets accept such a key and
+seed their augmentation from it. Batches therefore do not depend on ``num_workers``, on worker
+restarts or on what ran before, so a run resumed at epoch e sees exactly the batches it would have seen.
+
+Lightning calls ``set_epoch`` on the dataloader's sampler at the start of every epoch (also after a
+resume, with the restored epoch), and under DDP its ``DistributedSamplerWrapper`` forwards ``set_epoch``
+and shards our keys, so the same holds across devices.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+Key = Union[int, Tuple[int, int]]
+_MASK64 = (1 << 64) - 1
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """An explicit seed wins; else ``PL_GLOBAL_SEED`` (set by ``seed_everything``); else 0."""
+    if seed is not None:
+        return int(seed)
+    env = os.environ.get("PL_GLOBAL_SEED")
+    try:
+        return int(env) if env not in (None, "") else 0
+    except ValueError:
+        return 0
+
+
+def _entropy(*parts: int) -> list:
+    return [int(p) & _MASK64 for p in parts]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for the permutation of one epoch."""
+    state = np.random.SeedSequence(_entropy(seed, epoch, 0x5E9)).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def sample_rngs(seed: int, epoch: int, index: int) -> Tuple[np.random.Generator, random.Random]:
+    """The numpy and python generators that augment sample ``index`` in ``epoch``."""
+    ss = np.random.SeedSequence(_entropy(seed, epoch, index))
+    gen = np.random.default_rng(ss)
+    py = random.Random(int(ss.generate_state(1, np.uint64)[0]))
+    return gen, py
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Only the numpy generator of :func:`sample_rngs` (same stream), for torch/cv2-only pipelines."""
+    return np.random.default_rng(np.random.SeedSequence(_entropy(seed, epoch, index)))
+
+
+def split_key(key: Key) -> Tuple[int, Optional[int]]:
+    """``(index, epoch)`` from a sampler key; a plain index has no epoch (augmented unseeded)."""
+    if isinstance(key, (tuple, list)):
+        return int(key[0]), int(key[1])
+    if isinstance(key, torch.Tensor):
+        key = key.tolist()
+        return split_key(key)
+    return int(key), None
+
+
+class EpochSeededSampler(Sampler):
+    """Yields ``(index, epoch)`` keys; the order of each epoch is a function of (seed, epoch) only.
+
+    Args:
+        n: dataset length.
+        seed: base seed.
+        shuffle: shuffle each epoch (else indices in order, still keyed with the epoch).
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+        self.n = int(n)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        e = self.epoch
+        return iter([(i, e) for i in order])
+
+
+def seed_pipeline(pipeline, seed: int, key: Key) -> None:
+    """Point an albumentations pipeline's random state at the generators for ``key``.
+
+    A plain index (no epoch) leaves the pipeline's own random stream alone.
+    """
+    index, epoch = split_key(key)
+    if epoch is None or pipeline is None or not hasattr(pipeline, "set_random_state"):
+        return
+    gen, py = sample_rngs(seed, epoch, index)
+    pipeline.set_random_state(gen, py)
+
+
+def worker_init(_worker_id: int) -> None:
+    """Keep each dataloader worker to one thread (the machine's cores belong to the model)."""
+    torch.set_num_threads(1)
