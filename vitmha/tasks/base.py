@@ -1,0 +1,195 @@
+"""What the classification and segmentation tasks share: building the backbone, optimiser and
+schedule, linear probing / late unfreezing, weight EMA, per-epoch reseeding for exact resume, and the
+non-finite loss policy. Subclasses define ``__init__`` (their typed signature is the CLI), set
+``self.model`` (everything that is trained; the EMA follows it) and ``self.ema`` and implement the steps."""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from typing import Any, Dict, List, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from vitmha.tasks.ema import ModelEma
+from vitmha.tasks.optim import SCHEDULERS, build_optimizer, param_groups
+
+NONFINITE_POLICIES = ("error", "skip")
+
+
+def build_backbone(name: str, pretrained: Union[bool, str], backbone_kwargs: Optional[Dict[str, Any]],
+                   drop_path_rate: Optional[float], **overrides: Any) -> nn.Module:
+    """``vitmha.create_backbone(name, pretrained, **backbone_kwargs, **overrides)``; ``drop_path_rate``
+    is passed only when set, so the architecture's default stays otherwise."""
+    from vitmha.models import create_backbone  # the models package imports nothing from tasks
+
+    kwargs = dict(backbone_kwargs or {})
+    kwargs.update(overrides)
+    if drop_path_rate is not None:
+        kwargs["drop_path_rate"] = drop_path_rate
+    return create_backbone(name, pretrained=pretrained, **kwargs)
+
+
+def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
+    """1e-4 when fine-tuning pretrained weights end to end, 5e-4 from scratch or for a linear probe (1e-3
+    made a small ViT trained from scratch collapse to chance without gradient clipping)."""
+    return 1e-4 if (pretrained is not False and pretrained is not None and not freeze_backbone) else 5e-4
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A 63-bit seed that is a function of (global seed, epoch, rank) only."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+class BackboneTask(L.LightningModule):
+    """Base class; expects hparams ``lr, weight_decay, layer_decay, warmup_epochs, warmup_steps, min_lr,
+    scheduler, freeze_backbone, unfreeze_at_epoch, ema_decay, nonfinite, pretrained``."""
+
+    model: nn.Module
+    ema: Optional[ModelEma]
+
+    def _check_common_args(self) -> None:
+        hp = self.hparams
+        if hp.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {hp.scheduler!r}")
+        if hp.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {hp.nonfinite!r}")
+        if hp.unfreeze_at_epoch is not None and not hp.freeze_backbone:
+            raise ValueError("unfreeze_at_epoch needs freeze_backbone=True")
+        if not 0.0 < hp.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in (0, 1], got {hp.layer_decay}")
+        self.skipped_batches = 0
+        self._backbone_frozen = False
+
+    # ----------------------------------------------------------------- subclass hooks
+    def backbone_module(self) -> nn.Module:
+        """The ViT (its params get layer-wise lr decay and are the ones ``freeze_backbone`` freezes)."""
+        return self.model
+
+    def head_modules(self) -> List[nn.Module]:
+        """Trained modules outside the backbone (decoders); lr scale 1.0."""
+        return []
+
+    def frozen_parameters(self) -> List[nn.Parameter]:
+        """Parameters frozen by ``freeze_backbone``."""
+        return list(self.backbone_module().parameters())
+
+    def frozen_modules(self) -> List[nn.Module]:
+        """Modules kept in eval mode while frozen (no dropout/drop-path)."""
+        return [self.backbone_module()]
+
+    # ----------------------------------------------------------------- optimisation
+    @property
+    def learning_rate(self) -> float:
+        hp = self.hparams
+        return hp.lr if hp.lr is not None else default_lr(hp.pretrained, hp.freeze_backbone)
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        hp = self.hparams
+        lr = self.learning_rate
+        # build_optimizer reads trainer.estimated_stepping_batches, which makes the first train iterator
+        self._preseeded_epoch = getattr(self, "_start_epoch", 0)
+        self._reseed(self._preseeded_epoch)
+        groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
+                              layer_decay=hp.layer_decay)
+        return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
+                               warmup_steps=hp.warmup_steps, min_lr=hp.min_lr)
+
+    def current_peak_lr(self) -> float:
+        """The largest lr over the param groups now (the head's, under layer decay)."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        return max((g["lr"] for g in optimizers[0].param_groups), default=0.0) if optimizers else 0.0
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
+                                    gradient_clip_algorithm: Optional[str] = None) -> None:
+        # the Trainer's gradient_clip_val wins; otherwise the task's grad_clip_norm (global L2 norm)
+        if gradient_clip_val is None and self.hparams.get("grad_clip_norm"):
+            gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val,
+                            gradient_clip_algorithm=gradient_clip_algorithm)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+    # ----------------------------------------------------------------- freezing
+    def _apply_freeze(self) -> None:
+        hp = self.hparams
+        frozen = bool(hp.freeze_backbone) and (hp.unfreeze_at_epoch is None
+                                               or self.current_epoch < hp.unfreeze_at_epoch)
+        for p in self.frozen_parameters():
+            p.requires_grad_(not frozen)
+        self._backbone_frozen = frozen
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "BackboneTask":
+        super().train(mode)
+        if mode and getattr(self, "_backbone_frozen", False):
+            for m in self.frozen_modules():
+                m.eval()
+            for m in self.head_modules():
+                m.train()
+        return self
+
+    # ----------------------------------------------------------------- epoch hooks
+    def on_fit_start(self) -> None:
+        self._apply_freeze()
+
+    def _reseed(self, epoch: int) -> None:
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            s = epoch_seed(int(seed), epoch, self.global_rank)
+            torch.manual_seed(s)  # also seeds every CUDA device
+            random.seed(s)
+            np.random.seed(s % 2**32)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # the epoch a resumed fit starts at: epochs whose training part ran (end-of-epoch checkpoints)
+        try:
+            self._start_epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+        except (KeyError, TypeError):
+            self._start_epoch = int(checkpoint.get("epoch", 0))
+
+    def on_train_epoch_start(self) -> None:
+        # Exact resume: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, rank) right before the train loader
+        # is iterated, so shuffling, worker seeds, dropout, drop-path and mixup are a function of (seed, epoch)
+        # and a run resumed from an end-of-epoch checkpoint continues bitwise identically. Lightning iterates
+        # the loader after this hook, except in a fit's first epoch, whose iterator is made when
+        # configure_optimizers asks for the number of steps; that epoch is seeded there.
+        if self.current_epoch != getattr(self, "_preseeded_epoch", None):
+            self._reseed(self.current_epoch)
+        self._preseeded_epoch = None
+        self._apply_freeze()
+        self.skipped_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.nonfinite == "skip":
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True)
+            if self.skipped_batches:
+                warnings.warn(f"epoch {self.current_epoch}: skipped {self.skipped_batches} batch(es) with a "
+                              "non-finite loss", RuntimeWarning, stacklevel=1)
+
+    # ----------------------------------------------------------------- non-finite loss
+    def check_loss(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        """``loss`` if finite; otherwise raises (``nonfinite="error"``) or returns None (``"skip"``)."""
+        if bool(torch.isfinite(loss).all()):
+            return loss
+        value = loss.detach().float().cpu().item()
+        where = f"epoch {self.current_epoch}, step {self.global_step}"
+        if self.hparams.nonfinite == "error":
+            raise FloatingPointError(
+                f"non-finite loss ({value}) at {where}; lower the lr, use bf16 instead of fp16, enable gradient "
+                "clipping, or set nonfinite='skip' to skip such batches")
+        self.skipped_batches += 1
+        return None
+
+    # ----------------------------------------------------------------- inference model
+    @property
+    def inference_model(self) -> nn.Module:
+        """The EMA weights when ``ema_decay`` is set, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.model

@@ -1,0 +1,164 @@
+"""Image classification with a vitmha backbone."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
+                                         MulticlassPrecision, MulticlassRecall)
+
+from vitmha.tasks.base import BackboneTask, build_backbone
+from vitmha.tasks.ema import ModelEma
+from vitmha.tasks.mixup import Mixup
+
+
+def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """``{prefix}acc``, ``acc_top5`` (num_classes >= 5), and macro ``f1``/``precision``/``recall``."""
+    metrics: Dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "precision": MulticlassPrecision(num_classes, average="macro"),
+        "recall": MulticlassRecall(num_classes, average="macro"),
+    }
+    if num_classes >= 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class ImageClassifier(BackboneTask):
+    """A vision transformer classifier: ``forward(x)`` (B,3,H,W) -> logits (B, num_classes).
+
+    Logs ``train/loss``, ``train/lr``, ``val/loss``, ``val/acc``, ``val/acc_top5`` (>= 5 classes),
+    ``val/f1``, ``val/precision``, ``val/recall`` (macro) and the same under ``test/``; after a test
+    epoch ``self.test_confusion`` holds the (C, C) confusion matrix (rows = true class).
+    With ``ema_decay`` set, validation, test, predict and ``forward`` in eval mode use the EMA weights.
+
+    Args:
+        backbone: timm ViT architecture name, e.g. ``vit_small_patch16_224``.
+        num_classes: number of classes (the CLI links it from the data module).
+        pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
+        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, depth, ...).
+        lr: peak learning rate of AdamW; None = 1e-4 when fine-tuning pretrained weights, else 5e-4.
+        weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
+        layer_decay: layer-wise lr decay; block i gets lr * layer_decay ** (depth - i). 1.0 = off;
+            0.65-0.75 is usual for fine-tuning.
+        warmup_epochs: linear warmup length in epochs (may be fractional).
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs``.
+        min_lr: lr at the end of the schedule.
+        scheduler: ``cosine``, ``poly`` (power 0.9) or ``constant`` after warmup, stepped every step.
+        label_smoothing: label smoothing of the training cross-entropy.
+        mixup_alpha: mixup Beta parameter; 0 = off (0.8 is usual for ImageNet-scale training).
+        cutmix_alpha: cutmix Beta parameter; 0 = off (1.0 is usual).
+        mix_prob: probability that a batch is mixed when mixup or cutmix is on.
+        drop_path_rate: stochastic depth rate; None keeps the architecture's default.
+        freeze_backbone: train the classifier head only (linear probe).
+        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on. Under DDP the
+            unfrozen parameters are not synchronised: use it on one device.
+        ema_decay: keep an EMA of the weights with this decay (e.g. 0.9998) and evaluate with it.
+        grad_checkpointing: recompute block activations in backward to save memory.
+        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
+            ``gradient_clip_val``; None = no clipping.
+        nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip``
+            skips the batch and logs ``train/skipped_batches`` (single device only: under DDP the ranks
+            would disagree).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        pretrained: Union[bool, str] = False,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        lr: Optional[float] = None,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        warmup_epochs: float = 5.0,
+        warmup_steps: Optional[int] = None,
+        min_lr: float = 1e-6,
+        scheduler: str = "cosine",
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        drop_path_rate: Optional[float] = None,
+        freeze_backbone: bool = False,
+        unfreeze_at_epoch: Optional[int] = None,
+        ema_decay: Optional[float] = None,
+        grad_checkpointing: bool = False,
+        grad_clip_norm: Optional[float] = None,
+        nonfinite: str = "error",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_common_args()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.model = build_backbone(backbone, pretrained, backbone_kwargs, drop_path_rate, num_classes=num_classes)
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.mixup = Mixup(num_classes, mixup_alpha, cutmix_alpha, prob=mix_prob)
+        self.val_metrics = classification_metrics(num_classes, "val/")
+        self.test_metrics = classification_metrics(num_classes, "test/")
+        self.test_confusion_metric = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: Optional[torch.Tensor] = None
+
+    def frozen_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if not n.startswith("head.")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> logits (B, num_classes); the EMA weights in eval mode when ``ema_decay`` is set."""
+        return (self.model if self.training else self.inference_model)(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        x, y = batch
+        if self.mixup.enabled:
+            x, y = self.mixup(x, y)  # y: (B, C) soft targets
+        logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.hparams.label_smoothing)
+        loss = self.check_loss(loss)
+        if loss is None:
+            return None
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.inference_model(x).float()
+        loss = F.cross_entropy(logits, y)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(logits, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=x.shape[0])
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=(stage == "val"))
+        if stage == "test":
+            self.test_confusion_metric.update(logits, y)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion_metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confusion_metric.compute().cpu()
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """``{"path": list[str] | None, "probs": (B, C), "pred": (B,)}``; accepts a predict dict with an
+        ``image`` key, an ``(image, target)`` tuple, or a bare image tensor."""
+        if isinstance(batch, dict):
+            x, paths = batch["image"], batch.get("path")
+        elif isinstance(batch, (tuple, list)):
+            x, paths = batch[0], None
+        else:
+            x, paths = batch, None
+        probs = self.inference_model(x).float().softmax(dim=-1)
+        return {"path": paths, "probs": probs, "pred": probs.argmax(dim=-1)}

@@ -1,0 +1,279 @@
+"""Semantic segmentation with a vitmha backbone and a decoder head."""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from vitmha.heads.segmentation import HEADS, build_head, run_head
+from vitmha.tasks.base import BackboneTask, build_backbone
+from vitmha.tasks.ema import ModelEma
+
+
+def segmentation_scores(confusion: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Scores from a (K, K) confusion matrix (rows = target, columns = prediction; ignored pixels not
+    counted): ``iou`` and ``dice`` per class (NaN for a class absent from both target and prediction),
+    ``miou`` and ``dice_mean`` = NaN-means over the classes present (as mmseg), ``pixel_acc``."""
+    conf = confusion.double()
+    tp = conf.diag()
+    fp = conf.sum(0) - tp
+    fn = conf.sum(1) - tp
+    union = tp + fp + fn
+    nan = torch.tensor(float("nan"), dtype=conf.dtype, device=conf.device)
+    iou = torch.where(union > 0, tp / union.clamp_min(1), nan)
+    dice = torch.where(union > 0, 2 * tp / (2 * tp + fp + fn).clamp_min(1), nan)
+    return {"iou": iou, "miou": iou.nanmean(), "dice": dice, "dice_mean": dice.nanmean(),
+            "pixel_acc": tp.sum() / conf.sum().clamp_min(1)}
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of the soft Dice of softmax(logits) (B,K,H,W) against ``target`` (B,H,W),
+    pixels equal to ``ignore_index`` left out."""
+    K = logits.shape[1]
+    valid = (target != ignore_index).unsqueeze(1)  # (B,1,H,W)
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.clamp(0, K - 1) * valid.squeeze(1), K).permute(0, 3, 1, 2) * valid
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def _windows(size: int, window: int, stride: int) -> List[int]:
+    """Window starts covering [0, size): every ``stride``, the last one flush with the end."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window, stride)) + [size - window]
+    return sorted(set(starts))
+
+
+def sliding_window_inference(fn: Any, images: torch.Tensor, window: Union[int, Tuple[int, int]],
+                             stride: Union[int, Tuple[int, int]], num_classes: int) -> torch.Tensor:
+    """Logits (B, K, H, W) of ``fn`` (images (B,3,h,w) -> logits (B,K,h,w)) averaged over overlapping
+    ``window``-sized crops taken every ``stride`` pixels. An image smaller than the window is zero-padded
+    (zero = the normalised mean) on the bottom/right and the padding cropped off."""
+    wh, ww = (window, window) if isinstance(window, int) else window
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    if min(wh, ww, sh, sw) < 1:
+        raise ValueError(f"window {window} and stride {stride} must be positive")
+    B, _, H, W = images.shape
+    pad_h, pad_w = max(wh - H, 0), max(ww - W, 0)
+    x = F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    Hp, Wp = x.shape[-2:]
+    out = x.new_zeros(B, num_classes, Hp, Wp, dtype=torch.float32)
+    count = x.new_zeros(1, 1, Hp, Wp, dtype=torch.float32)
+    for y0 in _windows(Hp, wh, sh):
+        for x0 in _windows(Wp, ww, sw):
+            out[..., y0:y0 + wh, x0:x0 + ww] += fn(x[..., y0:y0 + wh, x0:x0 + ww]).float()
+            count[..., y0:y0 + wh, x0:x0 + ww] += 1
+    return (out / count)[..., :H, :W]
+
+
+class SegmentationModel(nn.Module):
+    """Backbone + decoder head: (B,3,H,W) -> logits (B,K,H,W). Inputs whose sides are not multiples
+    of the patch size are zero-padded for the backbone and the logits cropped back."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        ph, pw = self.backbone.patch_embed.patch_size
+        pad_h, pad_w = -H % ph, -W % pw
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return run_head(self.backbone, self.head, x)[..., :H, :W]
+
+
+def _metric_key(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name.strip()) or "class"
+
+
+class SemanticSegmenter(BackboneTask):
+    """Semantic segmentation: ``forward(x)`` (B,3,H,W) -> logits (B, num_classes, H, W).
+
+    Logs ``train/loss``, ``val/loss``, ``val/miou``, ``val/pixel_acc``, ``val/dice`` (macro Dice = F1 over
+    classes), ``val/iou_<class name or index>`` and the same under ``test/``. Metrics come from a confusion
+    matrix accumulated over the epoch without ``ignore_index`` pixels. mIoU and Dice average over the
+    classes present in the target or the prediction (a class whose union is empty is NaN and left out of
+    the mean, as in mmseg). With ``ema_decay`` set, evaluation uses the EMA weights.
+
+    Args:
+        backbone: timm ViT architecture name.
+        num_classes: number of classes (the CLI links it from the data module).
+        head: decoder: ``linear``, ``mask_transformer`` (Segmenter), ``uper`` (UPerNet on a simple
+            feature pyramid) or ``setr_pup``.
+        head_kwargs: extra arguments of the head (e.g. ``channels`` for uper/setr_pup, ``num_layers``).
+        class_names: names for the per-class IoU metrics; default the class indices.
+        pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
+        backbone_kwargs: overrides for ``vitmha.create_backbone``; ``dynamic_img_size`` defaults to True
+            here so that any image size works.
+        ignore_index: target value that is left out of the loss and the metrics.
+        dice_weight: weight of a soft Dice loss added to the cross-entropy; 0 = off.
+        lr: peak AdamW learning rate; None = 1e-4 when fine-tuning pretrained weights, else 5e-4.
+        weight_decay: AdamW weight decay (not on norms, biases, tokens, position embeddings).
+        layer_decay: layer-wise lr decay of the backbone; the head always gets the full lr.
+        warmup_epochs: linear warmup in epochs (may be fractional).
+        warmup_steps: warmup in optimizer steps; overrides ``warmup_epochs``.
+        min_lr: lr at the end of the schedule.
+        scheduler: ``poly`` (power 0.9), ``cosine`` or ``constant`` after warmup, stepped every step.
+        slide_window: evaluate/predict with sliding windows of this size (e.g. the training crop size)
+            instead of one forward pass over the whole image.
+        slide_stride: stride of the sliding windows; default 2/3 of the window.
+        drop_path_rate: stochastic depth rate of the backbone; None keeps the architecture's default.
+        freeze_backbone: train the head only.
+        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on (single device).
+        ema_decay: keep an EMA of the weights with this decay and evaluate with it.
+        grad_checkpointing: recompute backbone block activations in backward to save memory.
+        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
+            ``gradient_clip_val``; None = no clipping.
+        nonfinite: on a NaN/inf training loss, ``error`` raises naming epoch and step; ``skip`` skips the
+            batch and logs ``train/skipped_batches``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 2,
+        head: str = "linear",
+        head_kwargs: Optional[Dict[str, Any]] = None,
+        class_names: Optional[List[str]] = None,
+        pretrained: Union[bool, str] = False,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        ignore_index: int = 255,
+        dice_weight: float = 0.0,
+        lr: Optional[float] = None,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        warmup_epochs: float = 1.0,
+        warmup_steps: Optional[int] = None,
+        min_lr: float = 1e-6,
+        scheduler: str = "poly",
+        slide_window: Optional[int] = None,
+        slide_stride: Optional[int] = None,
+        drop_path_rate: Optional[float] = None,
+        freeze_backbone: bool = False,
+        unfreeze_at_epoch: Optional[int] = None,
+        ema_decay: Optional[float] = None,
+        grad_checkpointing: bool = False,
+        grad_clip_norm: Optional[float] = None,
+        nonfinite: str = "error",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_common_args()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background counts as a class), got {num_classes}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index {ignore_index} is a class index (num_classes={num_classes})")
+        kwargs = {"dynamic_img_size": True, **(backbone_kwargs or {})}
+        bb = build_backbone(backbone, pretrained, kwargs, drop_path_rate, num_classes=0)
+        if grad_checkpointing:
+            bb.set_grad_checkpointing(True)
+        self.model = SegmentationModel(bb, build_head(head, bb, num_classes, **(head_kwargs or {})))
+        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.class_keys = [_metric_key(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
+        self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
+        self.test_confusion: Optional[torch.Tensor] = None  # (K, K), rows = target, after a test epoch
+
+    # the backbone gets layer decay and freezing; the head is always trained at the full lr
+    def backbone_module(self) -> nn.Module:
+        return self.model.backbone
+
+    def head_modules(self) -> List[nn.Module]:
+        return [self.model.head]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> logits (B,K,H,W); the EMA weights in eval mode when ``ema_decay`` is set."""
+        return (self.model if self.training else self.inference_model)(x)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy averaged over non-ignored pixels (0 when there are none) + ``dice_weight`` * Dice."""
+        hp = self.hparams
+        logits = logits.float()
+        valid = (target != hp.ignore_index).sum()
+        loss = F.cross_entropy(logits, target, ignore_index=hp.ignore_index, reduction="sum") / valid.clamp_min(1)
+        if hp.dice_weight > 0:
+            loss = loss + hp.dice_weight * dice_loss(logits, target, hp.ignore_index)
+        return loss
+
+    def sliding_window_inference(self, images: torch.Tensor, window: Optional[int] = None,
+                                 stride: Optional[int] = None) -> torch.Tensor:
+        """Logits (B,K,H,W) averaged over overlapping windows (default ``slide_window``/``slide_stride``)."""
+        window = window or self.hparams.slide_window
+        if window is None:
+            raise ValueError("sliding_window_inference needs a window (or slide_window set on the model)")
+        stride = stride or self.hparams.slide_stride or max(1, (2 * window) // 3)
+        return sliding_window_inference(self.inference_model, images, window, stride, self.hparams.num_classes)
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits: sliding windows when ``slide_window`` is set, else one forward pass."""
+        if self.hparams.slide_window:
+            return self.sliding_window_inference(images)
+        return self.inference_model(images)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        x, y = batch
+        loss = self.check_loss(self.loss(self.model(x), y))
+        if loss is None:
+            return None
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, confusion: MulticlassConfusionMatrix, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.predict_logits(x)
+        loss = self.loss(logits, y)
+        confusion.update(logits.argmax(1), y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        return loss
+
+    def _log_scores(self, confusion: MulticlassConfusionMatrix, stage: str) -> None:
+        scores = segmentation_scores(confusion.compute())  # compute() syncs the matrix across devices
+        confusion.reset()
+        self.log(f"{stage}/miou", scores["miou"].float(), prog_bar=(stage == "val"))
+        self.log(f"{stage}/pixel_acc", scores["pixel_acc"].float())
+        self.log(f"{stage}/dice", scores["dice_mean"].float())
+        for key, v in zip(self.class_keys, scores["iou"].float()):
+            self.log(f"{stage}/iou_{key}", v)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, self.val_confmat, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_confmat, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, self.test_confmat, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_confusion = self.test_confmat.compute().cpu()
+        self._log_scores(self.test_confmat, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """``{"path": list[str] | None, "mask": list of (H_i, W_i) int64 class maps}``, each at the
+        image's ``orig_size`` when the batch gives one (logits resized bilinearly, then argmax)."""
+        if isinstance(batch, dict):
+            x, paths, sizes = batch["image"], batch.get("path"), batch.get("orig_size")
+        else:
+            x, paths, sizes = (batch[0] if isinstance(batch, (tuple, list)) else batch), None, None
+        logits = self.predict_logits(x).float()
+        masks = []
+        for i in range(x.shape[0]):
+            li = logits[i:i + 1]
+            if sizes is not None:
+                li = F.interpolate(li, size=tuple(int(s) for s in sizes[i]), mode="bilinear", align_corners=False)
+            masks.append(li.argmax(1)[0])
+        return {"path": paths, "mask": masks}
