@@ -1,0 +1,112 @@
+"""tools/predict.py: predictions.csv for classifiers, index masks and overlays for segmenters."""
+from __future__ import annotations
+
+import csv
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_tools_common import CLF_CLASSES, assert_real_png, ckpts, load_tool, run_tool  # noqa: F401
+from vitmha.inference import load_task, normalize_only, preprocess_config, read_checkpoint
+
+
+predict = load_tool("predict")
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_classification_writes_one_row_per_image_with_topk(ckpts, tmp_path):
+    predict.main(["--checkpoint", ckpts["clf"], "--input", ckpts["clf_root"] / "val", ckpts["clf_root"] / "test" / "red",
+                  "--output", tmp_path, "--topk", "2", "--batch-size", "4", "--no-progress"])
+    rows = _rows(tmp_path / "predictions.csv")
+    assert rows[0] == ["path", "label1", "prob1", "label2", "prob2"]
+    assert len(rows) == 1 + 9 + 3
+    for r in rows[1:]:
+        assert r[1] in CLF_CLASSES and r[3] in CLF_CLASSES and r[1] != r[3]
+        assert 1.0 >= float(r[2]) >= float(r[4]) >= 0.0
+
+
+def test_classification_probabilities_equal_the_task_on_the_data_modules_eval_batches(ckpts, tmp_path):
+    from vitmha.data import ImageFolderDataModule
+    from tests.test_tools_common import MEAN, STD
+
+    predict.main(["--checkpoint", ckpts["clf"], "--input", ckpts["clf_root"] / "val", "--output", tmp_path,
+                  "--topk", "3", "--no-progress"])
+    got = {r[0]: {r[1]: float(r[2]), r[3]: float(r[4]), r[5]: float(r[6])} for r in _rows(tmp_path / "predictions.csv")[1:]}
+    dm = ImageFolderDataModule(root=str(ckpts["clf_root"]), image_size=16, batch_size=16, num_workers=0, mean=MEAN, std=STD)
+    dm.setup("fit")
+    task = load_task(str(ckpts["clf"]))
+    ds = dm.datasets["val"]
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        probs = task(x).softmax(-1)
+    for (path, _), p in zip(ds.items, probs):
+        for c, name in enumerate(CLF_CLASSES):
+            assert got[path][name] == pytest.approx(float(p[c]), abs=2e-6)
+
+
+def test_topk_is_capped_at_the_number_of_classes(ckpts, tmp_path):
+    predict.main(["--checkpoint", ckpts["clf"], "--input", ckpts["clf_root"] / "val" / "red", "--output", tmp_path,
+                  "--no-progress"])
+    assert len(_rows(tmp_path / "predictions.csv")[0]) == 1 + 2 * 3
+
+
+def _odd_images(tmp_path):
+    rng = np.random.default_rng(1)
+    small = tmp_path / "in" / "small.png"   # smaller than the 32-px training size: resized and back
+    big = tmp_path / "in" / "big.jpg"       # larger: sliding windows at full resolution
+    small.parent.mkdir()
+    Image.fromarray(rng.integers(0, 255, (27, 45, 3), dtype=np.uint8)).save(small)
+    Image.fromarray(rng.integers(0, 255, (70, 81, 3), dtype=np.uint8)).save(big)
+    return small, big
+
+
+def test_segmentation_writes_masks_and_overlays_at_the_original_size(ckpts, tmp_path):
+    small, big = _odd_images(tmp_path)
+    out = tmp_path / "out"
+    predict.main(["--checkpoint", ckpts["seg"], "--input", small, big, ckpts["seg_root"] / "val" / "images" / "s0000.png",
+                  "--output", out, "--no-progress"])
+    for stem, (w, h) in (("small", (45, 27)), ("big", (81, 70)), ("s0000", (32, 32))):
+        with Image.open(out / f"{stem}_mask.png") as im:
+            assert im.mode == "L" and im.size == (w, h)
+            assert np.asarray(im).max() < 4
+        assert_real_png(out / f"{stem}_overlay.png", (w, h))
+
+
+def test_files_sharing_a_stem_get_distinct_outputs(ckpts, tmp_path):
+    src = ckpts["seg_root"] / "val" / "images" / "s0000.png"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "s0000.png").write_bytes(src.read_bytes())
+    predict.main(["--checkpoint", ckpts["seg"], "--input", src, tmp_path / "a", "--output", tmp_path / "o",
+                  "--no-progress"])
+    assert sorted(p.name for p in (tmp_path / "o").glob("*_mask.png")) == ["a_s0000_mask.png", "images_s0000_mask.png"]
+
+
+def test_large_images_use_the_tasks_sliding_window(ckpts, tmp_path):
+    _, big = _odd_images(tmp_path)
+    out = tmp_path / "out"
+    predict.main(["--checkpoint", ckpts["seg"], "--input", big, "--output", out, "--no-progress"])
+    ckpt = read_checkpoint(str(ckpts["seg"]))
+    task = load_task(str(ckpts["seg"]))
+    pre = preprocess_config(task, ckpt)
+    img = np.asarray(Image.open(big).convert("RGB"))
+    with torch.no_grad():
+        want = task.sliding_window_inference(normalize_only(img, pre)[None], window=32)[0].argmax(0).numpy()
+    assert np.array_equal(np.asarray(Image.open(out / "big_mask.png")), want)
+
+
+def test_missing_checkpoint_is_one_clean_error(tmp_path):
+    r = run_tool("predict", "--checkpoint", tmp_path / "none.ckpt", "--input", tmp_path, "--output", tmp_path / "o")
+    assert r.returncode == 2
+    assert "none.ckpt: checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_input_exits_2_naming_it(ckpts, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", ckpts["clf"], "--input", tmp_path / "nope.png", "--output", tmp_path / "o"])
+    assert e.value.code == 2
+    assert "nope.png: no such file" in capsys.readouterr().err

@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Evaluate a trained vitmha checkpoint and write a report with per-class numbers and pictures.
+
+    python tools/evaluate.py --checkpoint last.ckpt --config configs/quickstart.yaml --split val --output report/
+
+Runs ``trainer.validate`` (``--split val``) or ``trainer.test`` (``--split test``) on the data module of the
+config (its ``data:`` section; the run's own data module, saved in the checkpoint, when ``--config`` is
+left out) and writes, for a classifier: confusion_matrix.png/.csv, per_class.csv (precision, recall, F1,
+support, AUROC), roc_curves.png (one-vs-rest), auroc.json, summary.json; for a segmenter:
+per_class_iou.csv, confusion_matrix.png/.csv, samples.png (image | truth | prediction), summary.json.
+summary.json holds the metrics exactly as the task logs them (``val/acc``, ``test/miou``, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)  # this checkout's vitmha, installed or not
+
+from vitmha.inference import ToolError, load_task, read_checkpoint, run_tool  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
+    argv = None if argv is None else [str(a) for a in argv]
+    p = argparse.ArgumentParser(prog="tools/evaluate.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    p.add_argument("--config", default=None,
+                   help="YAML config whose data: section gives the data module (default: the one saved in the checkpoint)")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="which split to evaluate (default test)")
+    p.add_argument("--output", required=True, help="folder for the report (created)")
+    p.add_argument("--batch-size", type=int, default=None, help="override the data module's batch size")
+    p.add_argument("--num-workers", type=int, default=None, help="override the data module's loader workers")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--samples", type=int, default=6, help="segmentation images drawn in samples.png")
+    return p.parse_args(argv)
+
+
+def _data_section(args, ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """``{"class_path": ..., "init_args": {...}}`` from the config file or the checkpoint."""
+    if args.config:
+        import yaml
+
+        if not os.path.isfile(args.config):
+            raise ToolError(f"{args.config}: config file not found")
+        try:
+            with open(args.config) as f:
+                cfg = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ToolError(f"{args.config}: not valid YAML ({e})") from None
+        data = cfg.get("data") if isinstance(cfg, dict) else None
+        if not isinstance(data, dict) or "class_path" not in data:
+            raise ToolError(f"{args.config}: no data: section with a class_path (expected data: {{class_path: ..., "
+                            "init_args: {...}}})")
+        return {"class_path": data["class_path"], "init_args": dict(data.get("init_args") or {})}
+    dm = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    cp = dm.pop("_class_path", None)
+    dm.pop("_instantiator", None)
+    if not cp:
+        raise ToolError(f"{args.checkpoint}: the checkpoint does not say which data module the run used; "
+                        "pass --config with a data: section")
+    return {"class_path": cp, "init_args": dm}
+
+
+def build_datamodule(section: Dict[str, Any], task: Any, where: str):
+    """Instantiate the data module as LightningCLI does (jsonargparse, same type checks), with the CLI's
+    link from the model's ``backbone`` (the data module then normalises with its pretrained mean/std)."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    init_args = dict(section["init_args"])
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    try:
+        cls = _import(str(section["class_path"]))
+        if cls is not None and "backbone" in inspect.signature(cls.__init__).parameters \
+                and init_args.get("backbone") is None:
+            init_args["backbone"] = task.hparams.backbone
+        cfg = parser.parse_object({"data": {"class_path": section["class_path"], "init_args": init_args}})
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        return instantiate(cfg).data
+    except ToolError:
+        raise
+    except Exception as e:  # noqa: BLE001 - jsonargparse and the data module raise many kinds
+        from vitmha.inference import _user_error
+
+        err = _user_error(e)
+        if err is not None:
+            raise
+        msg = " ".join(str(e).split())
+        m = re.search(r"Problem with given class_path '([^']+)': (.*?)(?: - Expected a |$)", msg)
+        if m:  # jsonargparse's Union noise around the one line that matters
+            msg = f"{m.group(1)}: {m.group(2)}"
+        raise ToolError(f"{where}: cannot build the data module ({msg[:600]})") from None
+
+
+def _import(path: str):
+    """The class at a dotted path, or None (jsonargparse then resolves or rejects the name)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
+@run_tool
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    import logging
+    import warnings
+
+    import lightning as L
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banner or tips
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+    from vitmha.inference import resolve_device
+    from vitmha.reports import EvaluationReport
+
+    ckpt = read_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    task = load_task(args.checkpoint, ckpt=ckpt)
+    section = _data_section(args, ckpt)
+    for key, value in (("batch_size", args.batch_size), ("num_workers", args.num_workers)):
+        if value is not None:
+            section["init_args"][key] = value
+    dm = build_datamodule(section, task, args.config or args.checkpoint)
+    dm_classes = getattr(dm, "num_classes", None)
+    if dm_classes is not None and int(dm_classes) != int(task.hparams.num_classes):
+        raise ToolError(f"{args.config or args.checkpoint}: the data has {dm_classes} classes, the checkpoint "
+                        f"{task.hparams.num_classes}")
+    stage = "validate" if args.split == "val" else "test"
+    report = EvaluationReport(output_dir=args.output, stages=(stage,), num_samples=args.samples)
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[report],
+                        default_root_dir=args.output)
+    run = trainer.validate if stage == "validate" else trainer.test
+    logged = run(task, datamodule=dm, verbose=False)[0]
+    result = report.result or {}
+    print(f"wrote the {args.split} report to {args.output}:")
+    for name, path in sorted(report.files.items()):
+        print(f"  {path}")
+    for k, v in sorted((result.get("metrics") or {}).items()):
+        print(f"  {k} = {v:.4f}")
+    return {"logged": logged, "result": result, "files": report.files}
+
+
+if __name__ == "__main__":
+    main()

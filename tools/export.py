@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Export a trained vitmha checkpoint for deployment.
+
+    python tools/export.py --checkpoint last.ckpt --format onnx --output model.onnx
+    python tools/export.py --checkpoint last.ckpt --format torchscript --output model.pt
+    python tools/export.py --checkpoint last.ckpt --format safetensors --output backbone.safetensors
+
+``onnx`` and ``torchscript`` hold the whole task model: input the normalised image batch (B, 3, S, S) that
+the LightningModule's ``forward`` takes (S = the training image size, B free), output its logits
+((B, classes), or (B, classes, S, S) per-pixel logits for a segmenter). The export is checked against
+PyTorch on a batch of 3 random inputs and the largest difference printed. ``safetensors`` holds the ViT
+backbone in timm's key layout, loadable by ``timm.create_model(..., pretrained=True,
+pretrained_cfg_overlay=dict(file=...))``; the exact command is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)  # this checkout's vitmha, installed or not
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from vitmha.inference import (ToolError, backbone_of, load_task, preprocess_config, read_checkpoint,  # noqa: E402
+                              run_tool, task_kind)
+
+OPSET = 17
+TOLERANCE = 1e-4
+
+
+class Logits(nn.Module):
+    """The task's evaluation forward: normalised images (B, 3, H, W) -> logits, as ``task(x)`` in eval mode."""
+
+    def __init__(self, task: nn.Module) -> None:
+        super().__init__()
+        self.model = task.inference_model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """Every attention of ``model`` on the explicit softmax path (same numbers as the fused one)."""
+    from vitmha.models.attention import Attention, AttentionPool
+
+    mods = [m for m in model.modules() if isinstance(m, (Attention, AttentionPool))]
+    before = [m.fused for m in mods]
+    for m in mods:
+        m.fused = False
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, before):
+            m.fused = f
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def export_onnx(task: nn.Module, path: Path, size: int, opset: int = OPSET) -> Dict[str, Any]:
+    """ONNX with a dynamic batch axis (legacy TorchScript-based exporter); checked with onnxruntime.
+
+    Exports the fused attention path; if that fails, the explicit path. Returns {"max_abs_diff", "attention"};
+    raises ToolError (and leaves ``path`` alone) when onnxruntime differs from PyTorch by more than 1e-4.
+    """
+    model = Logits(task).eval()
+    example = torch.randn(2, 3, size, size)
+    dyn_out = {0: "batch"}
+    tmp = _atomic_target(path)
+    attention = "fused"
+    errors = []
+    for attention in ("fused", "explicit"):
+        ctx = contextlib.nullcontext() if attention == "fused" else explicit_attention(model)
+        try:
+            with ctx, warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                                  dynamic_axes={"input": {0: "batch"}, "logits": dyn_out}, opset_version=opset,
+                                  do_constant_folding=True, dynamo=False)
+            break
+        except Exception as e:  # noqa: BLE001 - any exporter failure: try the explicit path
+            errors.append(f"{attention}: {' '.join(str(e).split())[:300]}")
+            tmp.unlink(missing_ok=True)
+    else:
+        raise ToolError("ONNX export failed:\n" + "\n".join(errors))
+    diff = check_onnx(model, tmp, size)
+    if not diff <= TOLERANCE:  # keep whatever the user had at `path`
+        tmp.unlink(missing_ok=True)
+        raise ToolError(f"{path}: onnxruntime differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); not written")
+    os.replace(tmp, path)
+    return {"max_abs_diff": diff, "attention": attention}
+
+
+def check_onnx(model: nn.Module, path: Path, size: int, batch: int = 3) -> float:
+    """Largest |onnxruntime - PyTorch| over a random batch of ``batch`` images."""
+    import onnxruntime as ort
+
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    if got.shape != ref.shape:
+        raise ToolError(f"{path}: onnxruntime output has shape {got.shape}, PyTorch {ref.shape}")
+    return float(abs(got - ref).max())
+
+
+def export_torchscript(task: nn.Module, path: Path, size: int) -> Dict[str, Any]:
+    """``torch.jit.trace`` of the task's eval forward, checked on a batch of 3 (a different batch size)."""
+    model = Logits(task).eval()
+    example = torch.randn(2, 3, size, size)
+    tmp = _atomic_target(path)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (example,), check_trace=False)
+        traced.save(str(tmp))
+        loaded = torch.jit.load(str(tmp))
+    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = float((loaded(x) - model(x)).abs().max())
+    os.replace(tmp, path)
+    return {"max_abs_diff": diff}
+
+
+def timm_overrides(task: nn.Module) -> Dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments that build the task's backbone architecture."""
+    hp = task.hparams
+    kwargs = dict(hp.get("backbone_kwargs") or {})
+    kwargs.pop("fused_attn", None)  # vitmha-only switch
+    if task_kind(task) == "segmentation":
+        kwargs.setdefault("dynamic_img_size", True)
+        kwargs["num_classes"] = 0
+    else:
+        kwargs["num_classes"] = int(hp.num_classes)
+    return kwargs
+
+
+def timm_command(arch: str, path: Path, overrides: Dict[str, Any]) -> str:
+    """Python that loads ``path`` into timm (num_classes in the overlay keeps timm from dropping the head)."""
+    args = "".join(f", {k}={v!r}" for k, v in overrides.items())
+    overlay = f"dict(file={str(path)!r}, num_classes={overrides.get('num_classes', 0)!r})"
+    return f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay={overlay}{args})"
+
+
+def export_safetensors(task: nn.Module, path: Path) -> Dict[str, Any]:
+    """The backbone (with its head for a classifier) in timm's key layout; returns the timm command."""
+    from vitmha.models import save_timm_safetensors
+
+    save_timm_safetensors(backbone_of(task), path)
+    return {"timm": timm_command(str(task.hparams.backbone), path, timm_overrides(task))}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
+    argv = None if argv is None else [str(a) for a in argv]
+    p = argparse.ArgumentParser(prog="tools/export.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript"))
+    p.add_argument("--output", required=True, help="file to write (its folder is created)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side of the exported graph (default: the training image size)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET}, at least 17)")
+    return p.parse_args(argv)
+
+
+@run_tool
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.opset < 17:
+        raise ToolError(f"--opset must be >= 17, got {args.opset}")
+    ckpt = read_checkpoint(args.checkpoint)
+    task = load_task(args.checkpoint, ckpt=ckpt)
+    size = args.image_size or preprocess_config(task, ckpt).image_size
+    out = Path(args.output)
+    if args.format == "onnx":
+        info = export_onnx(task, out, size, args.opset)
+        print(f"wrote {out}: input 'input' (batch, 3, {size}, {size}), output 'logits'; {info['attention']} "
+              f"attention; onnxruntime vs PyTorch max abs diff {info['max_abs_diff']:.2e} (batch of 3)")
+    elif args.format == "torchscript":
+        info = export_torchscript(task, out, size)
+        print(f"wrote {out}: torch.jit.load it; input (batch, 3, {size}, {size}); "
+              f"max abs diff vs PyTorch {info['max_abs_diff']:.2e} (batch of 3)")
+    else:
+        info = export_safetensors(task, out)
+        print(f"wrote {out} (timm key layout). Load it with timm:\n\n    import timm\n    model = {info['timm']}\n")
+    return info
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Run a trained vitmha checkpoint on image files.
+
+    python tools/predict.py --checkpoint run/checkpoints/last.ckpt --input photos/ more/*.jpg --output preds/
+
+Classifiers write ``preds/predictions.csv``: one row per image with its top-k labels and probabilities.
+Segmenters write ``preds/<stem>_mask.png`` (one channel, pixel = class index, at the image's original size)
+and ``preds/<stem>_overlay.png`` (class colours over the image). Images are preprocessed as the run's
+validation data (resize to the training size, the run's mean/std); a segmentation image larger than the
+training size is predicted with sliding windows at its own resolution instead (``--mode``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)  # this checkout's vitmha, installed or not
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from vitmha.inference import (Preprocess, ToolError, batched, collect_inputs, eval_transform, load_task,  # noqa: E402
+                              normalize_only, preprocess_config, read_checkpoint, read_image, resolve_device,
+                              run_tool, task_kind)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
+    argv = None if argv is None else [str(a) for a in argv]
+    p = argparse.ArgumentParser(prog="tools/predict.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    p.add_argument("--input", required=True, nargs="+", help="image files, folders (searched recursively) or globs")
+    p.add_argument("--output", required=True, help="output folder (created)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--topk", type=int, default=5, help="classes per image in predictions.csv (default 5)")
+    p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
+                   help="segmentation: 'resize' every image to the training size, 'slide' windows of the training "
+                        "size over the full image, 'auto' slides only over images larger than the training size")
+    p.add_argument("--alpha", type=float, default=0.5, help="opacity of the segmentation overlay colours")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _progress(total: int, disable: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True)
+
+
+def predict_classification(task, pre: Preprocess, files: List[str], args, device: torch.device) -> Path:
+    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK); returns its path."""
+    transform = eval_transform(pre, "classification")
+    k = max(1, min(args.topk, int(task.hparams.num_classes)))
+    names = pre.classes or [str(i) for i in range(int(task.hparams.num_classes))]
+    out = Path(args.output) / "predictions.csv"
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "w", newline="") as f, _progress(len(files), args.no_progress, "predict") as bar:
+        writer = csv.writer(f)
+        writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
+        for chunk in batched(files, args.batch_size):
+            x = torch.stack([transform(image=read_image(p))["image"] for p in chunk]).to(device)
+            with torch.no_grad():
+                probs = task(x).float().softmax(-1).cpu()
+            top_p, top_i = probs.topk(k, dim=-1)
+            for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
+                row = [path]
+                for p_, i_ in zip(ps, idx):
+                    row += [names[i_], f"{p_:.6f}"]
+                writer.writerow(row)
+            bar.update(len(chunk))
+    os.replace(tmp, out)
+    return out
+
+
+def _unique_stems(files: List[str]) -> List[str]:
+    """File stems, made unique with the parent folder name (then a counter) where two files share one."""
+    stems = [Path(f).stem for f in files]
+    counts = Counter(stems)
+    seen: Dict[str, int] = {}
+    out = []
+    for f, s in zip(files, stems):
+        if counts[s] > 1:
+            s = f"{Path(f).parent.name}_{s}"
+        n = seen.get(s, 0)
+        seen[s] = n + 1
+        out.append(s if n == 0 else f"{s}_{n}")
+    return out
+
+
+def segment_logits(task, pre: Preprocess, images: List[np.ndarray], mode: str, device: torch.device,
+                   transform=None) -> List[torch.Tensor]:
+    """Per image, logits (K, H, W) at the image's own size: resized to the training size and back, or slid."""
+    size = pre.image_size
+    window = int(task.hparams.get("slide_window") or size)
+    out: List[Optional[torch.Tensor]] = [None] * len(images)
+    resize_idx = []
+    for i, img in enumerate(images):
+        h, w = img.shape[:2]
+        if mode == "slide" or (mode == "auto" and (h > window or w > window)):
+            x = normalize_only(img, pre)[None].to(device)
+            with torch.no_grad():
+                out[i] = task.sliding_window_inference(x, window=window)[0].float().cpu()
+        else:
+            resize_idx.append(i)
+    if resize_idx:
+        transform = transform or eval_transform(pre, "segmentation")
+        x = torch.stack([transform(image=images[i])["image"] for i in resize_idx]).to(device)
+        with torch.no_grad():
+            logits = task(x).float()
+        for j, i in enumerate(resize_idx):
+            h, w = images[i].shape[:2]
+            out[i] = F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)[0].cpu()
+    return out  # type: ignore[return-value]
+
+
+def predict_segmentation(task, pre: Preprocess, files: List[str], args, device: torch.device) -> List[Path]:
+    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image; returns the mask paths."""
+    from PIL import Image
+
+    from vitmha.visualize import overlay_mask
+
+    transform = eval_transform(pre, "segmentation")
+    out_dir = Path(args.output)
+    written = []
+    stems = _unique_stems(files)
+    with _progress(len(files), args.no_progress, "segment") as bar:
+        for chunk in batched(list(range(len(files))), args.batch_size):
+            images = [read_image(files[i]) for i in chunk]
+            for i, img, logits in zip(chunk, images, segment_logits(task, pre, images, args.mode, device, transform)):
+                mask = logits.argmax(0).numpy()
+                mpath = out_dir / f"{stems[i]}_mask.png"
+                Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(mpath)
+                Image.fromarray(overlay_mask(img, mask, args.alpha, ignore_index=None)).save(
+                    out_dir / f"{stems[i]}_overlay.png")
+                written.append(mpath)
+            bar.update(len(chunk))
+    return written
+
+
+@run_tool
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.topk < 1:
+        raise ToolError(f"--topk must be >= 1, got {args.topk}")
+    ckpt = read_checkpoint(args.checkpoint)
+    files = collect_inputs(args.input)
+    device = resolve_device(args.device)
+    task = load_task(args.checkpoint, ckpt=ckpt).to(device)
+    pre = preprocess_config(task, ckpt)
+    os.makedirs(args.output, exist_ok=True)
+    if task_kind(task) == "segmentation":
+        masks = predict_segmentation(task, pre, files, args, device)
+        print(f"wrote {len(masks)} masks and overlays to {args.output}")
+    else:
+        out = predict_classification(task, pre, files, args, device)
+        print(f"wrote {out} ({len(files)} images)")
+
+
+if __name__ == "__main__":
+    main()
