@@ -20,8 +20,10 @@ def create_backbone(name: str, pretrained: Pretrained = False, **overrides: Any)
     cannot be read or do not fit, UnsupportedArchError for timm archs vitmha does not reproduce.
     """
     fused_attn = overrides.pop("fused_attn", True)
+    weight_init = overrides.get("weight_init") or "timm"      # timm's modes: '', 'jax', 'jax_nlhb', 'moco'
+    weight_init = "jax" if weight_init.startswith("jax") else "timm"
     cfg = arch_config(name, **overrides)
-    model = VisionTransformer(**cfg, fused_attn=fused_attn)
+    model = VisionTransformer(**cfg, fused_attn=fused_attn, weight_init=weight_init)
     pcfg = pretrained_cfg(name)
     model.pretrained_cfg = {
         **{k: v for k, v in pcfg.items() if k in ("mean", "std", "crop_pct", "interpolation", "hf_hub_id", "tag",

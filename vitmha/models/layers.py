@@ -201,7 +201,8 @@ def mlp_hidden(dim: int, mlp_ratio: float) -> int:
 
 
 def trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std)
+    # truncated at ±2 absolute, as timm and big_vision do: at std 0.02 that is an untruncated normal
+    return nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
 
 
 def lecun_normal_(t: torch.Tensor) -> torch.Tensor:

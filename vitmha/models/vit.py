@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         attn_pool_act: activation in the 'map' pooling MLP; None = act_layer.
         fused_attn: use F.scaled_dot_product_attention (False: explicit softmax path, same numbers).
         res_post_norm: blocks norm the branch output (x + norm(f(x))) instead of its input.
-        weight_init: 'timm' (trunc-normal 0.02) or 'jax' (xavier / lecun as big_vision).
+        weight_init: 'timm' (trunc-normal 0.02 linears) or 'jax' (xavier / lecun as big_vision).
     """
 
     def __init__(
@@ -256,7 +256,10 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ init / bookkeeping
     def init_weights(self, mode: str = "timm") -> None:
-        """Random init: trunc-normal(0.02) linears ('timm') or xavier/lecun ('jax'); tokens near zero."""
+        """Random init as timm's: 'timm' = trunc-normal(0.02) linears, PyTorch's default patch conv;
+        'jax' = xavier-uniform linears, lecun-normal patch conv, zero head. Tokens near zero in both."""
+        if mode not in ("timm", "jax"):
+            raise ValueError(f"weight_init={mode!r}: expected 'timm' or 'jax'")
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=0.02)
         for tok in (self.cls_token, self.reg_token):
@@ -264,16 +267,14 @@ class VisionTransformer(nn.Module):
                 nn.init.normal_(tok, std=1e-6)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                if name == "head":
-                    nn.init.zeros_(m.weight)
-                elif mode == "jax":
-                    nn.init.xavier_uniform_(m.weight)
+                if mode == "jax":
+                    nn.init.zeros_(m.weight) if name == "head" else nn.init.xavier_uniform_(m.weight)
                 else:
                     trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d):
-                lecun_normal_(m.weight) if mode == "jax" else trunc_normal_(m.weight, std=0.02)
+            elif isinstance(m, nn.Conv2d) and mode == "jax":
+                lecun_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
