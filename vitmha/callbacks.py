@@ -1,0 +1,347 @@
+"""Callbacks and plugins the vitmha CLI installs by default.
+
+- :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file next to its target, fsyncs it
+  and renames it into place, so ``last.ckpt`` is always a complete file even if the process is killed
+  mid-save.
+- :class:`VitmhaModelCheckpoint` refuses to write weights that contain NaN/Inf, so a diverged run never
+  replaces the last good checkpoint.
+- :class:`ClassificationPredictionWriter` and :class:`SegmentationPredictionWriter` write what
+  ``vitmha predict`` produces: ``predictions.csv``, index-mask PNGs and colour overlays.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "NonFiniteWeightsError",
+    "VitmhaModelCheckpoint",
+    "ClassificationPredictionWriter",
+    "SegmentationPredictionWriter",
+    "segmentation_palette",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _fsync_dir(dirpath: str) -> None:
+    # the rename is only durable once the directory entry is on disk (POSIX; a no-op elsewhere)
+    with suppress(OSError):
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to ``<path>.tmp-<pid>`` in the target's directory, fsync, then ``os.replace``.
+
+    A reader therefore sees either the previous complete checkpoint or the new complete one, never a
+    partial file, even after SIGKILL or power loss. Temporary files left behind by a killed process are
+    removed on the next successful save of the same path. Remote (``scheme://``) paths fall back to
+    Lightning's own writer.
+    """
+
+    TMP_SUFFIX = ".tmp-"
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        path = os.fspath(path)
+        if "://" in path:
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        dirpath = os.path.dirname(os.path.abspath(path))
+        os.makedirs(dirpath, exist_ok=True)
+        tmp = f"{path}{self.TMP_SUFFIX}{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                self._write(f, buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(OSError):
+                os.remove(tmp)
+            raise
+        _fsync_dir(dirpath)
+        self._remove_stale_tmp(path)
+
+    def _write(self, f: io.BufferedWriter, data: memoryview) -> None:
+        """Write the serialised checkpoint; a hook tests override to stop half-way."""
+        f.write(data)
+
+    def _remove_stale_tmp(self, path: str) -> None:
+        for tmp in glob.glob(glob.escape(path) + self.TMP_SUFFIX + "*"):
+            pid = tmp.rsplit(self.TMP_SUFFIX, 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                with suppress(OSError):
+                    os.remove(tmp)
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """Raised instead of writing a checkpoint whose weights contain NaN or Inf."""
+
+
+class VitmhaModelCheckpoint(ModelCheckpoint):
+    """A :class:`~lightning.pytorch.callbacks.ModelCheckpoint` that never writes non-finite weights.
+
+    If any parameter is NaN/Inf when a checkpoint is due, the run stops with
+    :class:`NonFiniteWeightsError` and every checkpoint already on disk (``last.ckpt`` included) is left
+    as it was. The check is agreed across ranks, so sharded strategies stop together.
+
+    With ``save_last=True`` it writes ``last.ckpt`` at every checkpointing point, also when the monitored
+    metric did not improve (Lightning 2.6 only refreshes ``last.ckpt`` together with a top-k save, which
+    would leave a resumable run at its best epoch instead of its latest).
+    """
+
+    _last_step_of_last: Optional[int] = None
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._ensure_last(trainer, at_train_epoch_end=True)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._ensure_last(trainer, at_train_epoch_end=False)
+
+    def _ensure_last(self, trainer: Any, at_train_epoch_end: bool) -> None:
+        if (
+            self.save_last is not True
+            or self._should_skip_saving_checkpoint(trainer)  # also: something was saved at this step already
+            or self._should_save_on_train_epoch_end(trainer) != at_train_epoch_end
+            or self._every_n_epochs < 1
+            or (trainer.current_epoch + 1) % self._every_n_epochs
+            or self._last_step_of_last == trainer.global_step
+        ):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_step_of_last = trainer.global_step
+
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        module = trainer.lightning_module
+        finite = all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.numel())
+        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise NonFiniteWeightsError(
+                f"model weights contain NaN/Inf at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+                f"not writing {filepath}, the checkpoints already saved are kept "
+                "(lower the learning rate, enable gradient clipping, or use a more stable precision)"
+            )
+        super()._save_checkpoint(trainer, filepath)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prediction writers
+
+
+def _as_tensor(prediction: Any, keys: Sequence[str]) -> tuple[str, torch.Tensor]:
+    """Pick the first of ``keys`` from a dict prediction (or take a bare tensor as ``keys[0]``)."""
+    if isinstance(prediction, torch.Tensor):
+        return keys[0], prediction
+    if isinstance(prediction, dict):
+        for key in keys:
+            if key in prediction:
+                return key, prediction[key]
+    if isinstance(prediction, (tuple, list)) and prediction and isinstance(prediction[0], torch.Tensor):
+        return keys[0], prediction[0]
+    raise TypeError(f"predict_step returned {type(prediction).__name__}; expected a tensor or a dict with {keys}")
+
+
+def _per_item(prediction: Any, keys: Sequence[str]) -> list[torch.Tensor]:
+    """Per-image tensors from a (B, ...) tensor, a list of tensors, or a dict holding either under ``keys``."""
+    if isinstance(prediction, dict):
+        found = next((prediction[k] for k in keys if prediction.get(k) is not None), None)
+        if found is None:
+            raise TypeError(f"predict_step returned a dict with keys {sorted(prediction)}; expected one of {keys}")
+        prediction = found
+    if isinstance(prediction, torch.Tensor):
+        return list(prediction.unbind(0))
+    if isinstance(prediction, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in prediction):
+        return list(prediction)
+    raise TypeError(f"predict_step returned {type(prediction).__name__}; expected tensors or a dict with {keys}")
+
+
+def _batch_paths(batch: Any, batch_idx: int, n: int) -> list[str]:
+    paths = batch.get("path") if isinstance(batch, dict) else None
+    if paths is None:
+        return [f"batch{batch_idx:05d}_{i:03d}" for i in range(n)]
+    return [str(p) for p in paths]
+
+
+def _batch_sizes(batch: Any, n: int) -> list[Optional[tuple[int, int]]]:
+    """``orig_size`` as a list of (H, W): a (B, 2) tensor, default_collate's ``[H(B,), W(B,)]``, or B pairs."""
+    sizes = batch.get("orig_size") if isinstance(batch, dict) else None
+    if sizes is None:
+        return [None] * n
+    if isinstance(sizes, torch.Tensor):
+        return [(int(h), int(w)) for h, w in sizes.reshape(n, 2).tolist()]
+    if len(sizes) == 2 and all(isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() == n for s in sizes):
+        return [(int(h), int(w)) for h, w in zip(sizes[0].tolist(), sizes[1].tolist())]
+    return [(int(s[0]), int(s[1])) for s in sizes]
+
+
+def _class_names(trainer: Any, pl_module: Any, explicit: Optional[Sequence[str]]) -> Optional[list[str]]:
+    if explicit:
+        return list(explicit)
+    for owner in (getattr(trainer, "datamodule", None), pl_module):
+        for attr in ("classes", "class_names"):
+            names = getattr(owner, attr, None)
+            if names:
+                return [str(n) for n in names]
+    hparams = getattr(pl_module, "hparams", {}) or {}
+    names = hparams.get("class_names") or hparams.get("classes")
+    return [str(n) for n in names] if names else None
+
+
+def _rank_suffix(trainer: Any) -> str:
+    return f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+
+
+class ClassificationPredictionWriter(BasePredictionWriter):
+    """Writes ``<output_dir>/predictions.csv``: one row per image with its top-k labels and probabilities.
+
+    Args:
+        output_dir: folder for ``predictions.csv`` (``predictions_rank<r>.csv`` per rank under DDP).
+        top_k: how many classes per image.
+        class_names: label names by class index; by default taken from the data module's ``classes``.
+    """
+
+    def __init__(self, output_dir: str, top_k: int = 5, class_names: Optional[list[str]] = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.top_k = top_k
+        self.class_names = class_names
+        self._file = None
+        self._writer = None
+        self._names: Optional[list[str]] = None
+
+    @property
+    def csv_path(self) -> str:
+        return os.path.join(self.output_dir, "predictions.csv")
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._names = _class_names(trainer, pl_module, self.class_names)
+        path = os.path.join(self.output_dir, f"predictions{_rank_suffix(trainer)}.csv")
+        self._file = open(path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._header_written = False
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        key, out = _as_tensor(prediction, ("logits", "probs"))
+        out = out.detach().float().cpu()
+        probs = out if key == "probs" else out.softmax(dim=-1)
+        k = min(self.top_k, probs.shape[-1])
+        if not self._header_written:
+            header = ["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")]
+            self._writer.writerow(header)
+            self._header_written = True
+        top_p, top_i = probs.topk(k, dim=-1)
+        for path, ps, idx in zip(_batch_paths(batch, batch_idx, len(probs)), top_p.tolist(), top_i.tolist()):
+            row: list[Any] = [path]
+            for p, i in zip(ps, idx):
+                row += [self._names[i] if self._names and i < len(self._names) else str(i), f"{p:.6f}"]
+            self._writer.writerow(row)
+        self._file.flush()
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def segmentation_palette(num_classes: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: (num_classes, 3) uint8, class 0 black, distinct colours after it."""
+    palette = np.zeros((num_classes, 3), dtype=np.uint8)
+    for c in range(num_classes):
+        r = g = b = 0
+        cid = c
+        for shift in range(7, -1, -1):
+            r |= ((cid >> 0) & 1) << shift
+            g |= ((cid >> 1) & 1) << shift
+            b |= ((cid >> 2) & 1) << shift
+            cid >>= 3
+        palette[c] = (r, g, b)
+    return palette
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """Writes ``<stem>_mask.png`` (one channel, pixel = class index) and ``<stem>_overlay.png`` per image.
+
+    Masks are resized back to the image's ``orig_size`` (logits bilinearly before the argmax). The overlay
+    blends the palette colour of each class over the original image (read from its ``path``).
+
+    Args:
+        output_dir: folder for the PNGs.
+        alpha: opacity of the colour overlay.
+    """
+
+    def __init__(self, output_dir: str, alpha: float = 0.5) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self.alpha = alpha
+        self._palette = segmentation_palette()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        from PIL import Image
+
+        items = _per_item(prediction, ("mask", "masks", "logits", "probs"))
+        n = len(items)
+        for i, (path, size) in enumerate(zip(_batch_paths(batch, batch_idx, n), _batch_sizes(batch, n))):
+            item = items[i].detach().cpu()
+            if item.ndim == 3:  # (C, h, w) scores
+                if size is not None and tuple(item.shape[-2:]) != size:
+                    item = F.interpolate(item[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+                mask = item.argmax(dim=0)
+            else:  # (h, w) class indices
+                mask = item
+                if size is not None and tuple(mask.shape) != size:
+                    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
+            mask = mask.to(torch.int64).numpy()
+            stem = Path(path).stem
+            if mask.max(initial=0) < 256:
+                Image.fromarray(mask.astype(np.uint8), mode="L").save(os.path.join(self.output_dir, f"{stem}_mask.png"))
+            else:
+                Image.fromarray(mask.astype(np.uint16)).save(os.path.join(self.output_dir, f"{stem}_mask.png"))
+            colour = self._palette[mask % len(self._palette)]
+            base = None
+            if os.path.isfile(path):
+                with Image.open(path) as im:
+                    base = np.asarray(im.convert("RGB").resize((mask.shape[1], mask.shape[0])), dtype=np.float32)
+            overlay = colour if base is None else (1 - self.alpha) * base + self.alpha * colour
+            Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8)).save(
+                os.path.join(self.output_dir, f"{stem}_overlay.png")
+            )

@@ -1,0 +1,241 @@
+"""The ``vitmha`` command line: ``vitmha fit|validate|test|predict --config X.yaml [--section.key value ...]``.
+
+A :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode: any LightningModule goes under ``model:``
+and any LightningDataModule under ``data:`` (``class_path`` + ``init_args``). ``num_classes`` is given
+once, by the data module, and linked to the model. Unless the config says otherwise every run gets:
+
+- CSV and TensorBoard loggers in ``<trainer.default_root_dir>/lightning_logs/version_N/`` (``metrics.csv``,
+  the resolved ``config.yaml``, TensorBoard events under ``tb/``);
+- checkpoints in ``version_N/checkpoints/``: the best by the task's validation metric and ``last.ckpt``,
+  written atomically, never with NaN/Inf weights;
+- a rich progress bar on a terminal, a plain one otherwise;
+- ``seed_everything: 0`` unless given (the data modules and tasks derive every epoch's randomness from it,
+  which is what makes ``--ckpt_path last.ckpt`` resume bit-exactly);
+- for ``predict``, ``--output_dir D`` writes ``D/predictions.csv`` (classifiers) or mask and overlay PNGs
+  (segmenters).
+
+Errors in the config are reported by jsonargparse with the offending key. vitmha's own user-facing errors
+(bad data, missing weights, a diverged run) print as ``error: ...`` with exit code 2; set
+``VITMHA_TRACEBACK=1`` to see the traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn, Optional
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from vitmha.callbacks import (
+    AtomicCheckpointIO,
+    ClassificationPredictionWriter,
+    SegmentationPredictionWriter,
+    VitmhaModelCheckpoint,
+)
+
+__all__ = ["VitmhaCLI", "cli_main", "default_monitor", "is_segmenter"]
+
+LOG_NAME = "lightning_logs"
+
+
+def is_segmenter(model: Any) -> bool:
+    """True for dense-prediction tasks (``task == "segmentation"`` or a segmenter class)."""
+    task = getattr(model, "task", None)
+    if isinstance(task, str):
+        return task.lower().startswith("seg")
+    return any("segment" in cls.__name__.lower() for cls in type(model).__mro__)
+
+
+def default_monitor(model: Any) -> tuple[str, str]:
+    """The validation metric (and its mode) that picks a task's best checkpoint.
+
+    The model's own ``monitor``/``monitor_mode`` attributes win; otherwise ``val/miou`` for segmenters and
+    ``val/acc`` for everything else, both maximised.
+    """
+    monitor = getattr(model, "monitor", None)
+    if isinstance(monitor, str) and monitor:
+        mode = getattr(model, "monitor_mode", None) or ("min" if "loss" in monitor else "max")
+        return monitor, mode
+    return ("val/miou" if is_segmenter(model) else "val/acc"), "max"
+
+
+def _checkpoint_filename(monitor: str) -> str:
+    # metric names hold "/", which would make sub-folders: keep "/" out of the literal text
+    return "epoch{epoch:03d}-" + monitor.replace("/", "_") + "{" + monitor + ":.4f}"
+
+
+def _user_error(exc: BaseException) -> Optional[BaseException]:
+    """The vitmha user-facing error behind ``exc``, if any: an exception class defined in vitmha, a
+    missing file, or a diverged run (the tasks raise FloatingPointError naming the epoch and step).
+
+    jsonargparse re-raises errors from a class's ``__init__`` as its own ValueError ``from`` the original,
+    so explicit causes are followed (not implicit contexts: a bug while handling an error stays a bug).
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (FileNotFoundError, FloatingPointError)) or any(
+            cls.__module__.split(".")[0] == "vitmha" for cls in type(exc).__mro__
+        ):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
+_UNION_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes: [",
+    "Errors:",
+    "- Expected a <class 'NoneType'>",
+    "Given value type:",
+)
+
+
+class VitmhaArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; a bad option prints one short message (key and reason), not the usage."""
+
+    _quiet_usage = False
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if self.exit_on_error:
+            lines = [ln for ln in message.splitlines() if not any(n in ln for n in _UNION_NOISE)]
+            message = "\n".join(lines)
+            VitmhaArgumentParser._quiet_usage = True
+        try:
+            super().error(message, ex)
+        finally:
+            VitmhaArgumentParser._quiet_usage = False
+
+    def print_usage(self, file: Any = None) -> None:
+        if not VitmhaArgumentParser._quiet_usage:
+            super().print_usage(file)
+
+
+class VitmhaCLI(LightningCLI):
+    """LightningCLI for vitmha tasks and data modules, with vitmha's run-directory defaults.
+
+    Any LightningModule/LightningDataModule works (subclass mode); see the module docstring for defaults.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        save_config_kwargs = {"overwrite": True, **(kwargs.pop("save_config_kwargs", None) or {})}
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_class", VitmhaArgumentParser)
+        # a fixed default seed: runs repeat, and a resumed run reseeds exactly as the first one did
+        kwargs.setdefault("seed_everything_default", 0)
+        parser_kwargs = {"description": "vitmha: train, evaluate and run vision transformers (LightningCLI)."}
+        if os.path.basename(sys.argv[0]) in ("cli.py", "__main__.py", "-c", ""):
+            parser_kwargs["prog"] = "vitmha"
+        kwargs["parser_kwargs"] = {**parser_kwargs, **(kwargs.get("parser_kwargs") or {})}
+        super().__init__(
+            LightningModule, LightningDataModule, *args, save_config_kwargs=save_config_kwargs, **kwargs
+        )
+
+    # ------------------------------------------------------------------------------------------ parsing
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # the data module normalises with the backbone's pretrained mean/std; a data module or model
+        # without a `backbone` argument simply gets no link
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--output_dir",
+                type=Optional[str],
+                default=None,
+                help="Write predictions here: predictions.csv (classification) or mask/overlay PNGs (segmentation).",
+            )
+            parser.add_argument("--top_k", type=int, default=5, help="Classes per image in predictions.csv.")
+        return parser
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # as LightningCLI's, without its warning when both `args` and sys.argv are given: tools/train.py
+        # passes its own list while sys.argv stays as typed, so DDP can relaunch the same command
+        if isinstance(args, dict) or hasattr(args, "as_dict"):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
+
+    # ------------------------------------------------------------------------------------- instantiate
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or os.getcwd()
+
+        if config.get("logger") in (None, True) and "logger" not in kwargs:
+            csv_logger = CSVLogger(save_dir=root, name=LOG_NAME)
+            # one version for both, so they share version_N; CSV first so trainer.log_dir (config.yaml)
+            # and the checkpoint folder are version_N itself
+            tb_logger = TensorBoardLogger(save_dir=root, name=LOG_NAME, version=csv_logger.version, sub_dir="tb")
+            kwargs["logger"] = [csv_logger, tb_logger]
+
+        configured = config.get("callbacks") or []
+        callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in callbacks
+        ):
+            monitor, mode = default_monitor(self.model)
+            callbacks.append(
+                VitmhaModelCheckpoint(
+                    monitor=monitor,
+                    mode=mode,
+                    save_top_k=1,
+                    save_last=True,
+                    filename=_checkpoint_filename(monitor),
+                    auto_insert_metric_name=False,
+                )
+            )
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            callbacks.append(_progress_bar())
+        if self.subcommand == "predict":
+            predict_cfg = self.config_init["predict"]
+            output_dir = predict_cfg.get("output_dir")
+            if output_dir and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+                if is_segmenter(self.model):
+                    callbacks.append(SegmentationPredictionWriter(output_dir))
+                else:
+                    callbacks.append(ClassificationPredictionWriter(output_dir, top_k=predict_cfg.get("top_k", 5)))
+        kwargs.setdefault("callbacks", callbacks)
+
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins) and "plugins" not in kwargs:
+            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+
+def _progress_bar() -> ProgressBar:
+    if sys.stdout.isatty():
+        try:
+            from lightning.pytorch.callbacks import RichProgressBar
+
+            return RichProgressBar()
+        except (ImportError, ModuleNotFoundError):
+            pass
+    return TQDMProgressBar()
+
+
+def cli_main(args: Optional[list[str]] = None) -> None:
+    """Run the ``vitmha`` command line on ``args`` (default: ``sys.argv[1:]``).
+
+    Raises SystemExit(2) after printing ``error: ...`` for vitmha's user-facing errors; other exceptions
+    propagate with their traceback.
+    """
+    try:
+        VitmhaCLI(args=args)
+    except Exception as exc:  # noqa: BLE001 - narrowed right below
+        user_error = _user_error(exc)
+        if user_error is None or os.environ.get("VITMHA_TRACEBACK"):
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_main()
