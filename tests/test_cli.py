@@ -97,6 +97,15 @@ def test_validate_and_test_from_checkpoint_log_their_metrics(fitted, tmp_path):
     val_run, test_run = run_dirs(tmp_path)
     assert {"val/acc", "val/f1", "val/loss"} <= metric_columns(val_run)
     assert {"test/acc", "test/acc_top5", "test/f1", "test/precision", "test/recall"} <= metric_columns(test_run)
+    # `test` writes the evaluation report by default, and its numbers are the logged ones
+    report = test_run / "report_test"
+    assert {"confusion_matrix.png", "per_class.csv", "roc_curves.png", "summary.json"} <= {
+        p.name for p in report.iterdir()}
+    import json
+    summary = json.loads((report / "summary.json").read_text())
+    with open(test_run / "metrics.csv") as f:
+        logged = [r for r in csv.DictReader(f) if r.get("test/acc")][-1]
+    assert abs(summary["metrics"]["test/acc"] - float(logged["test/acc"])) < 1e-6
 
 
 def test_predict_writes_topk_csv(fitted, tmp_path):

@@ -201,6 +201,10 @@ class VitmhaCLI(LightningCLI):
                     callbacks.append(SegmentationPredictionWriter(output_dir))
                 else:
                     callbacks.append(ClassificationPredictionWriter(output_dir, top_k=predict_cfg.get("top_k", 5)))
+        if self.subcommand == "test" and not any(type(c).__name__ == "EvaluationReport" for c in callbacks):
+            from vitmha.reports import EvaluationReport  # confusion matrix / ROC / per-class CSVs after `test`
+
+            callbacks.append(EvaluationReport())
         kwargs.setdefault("callbacks", callbacks)
 
         plugins = config.get("plugins")
