@@ -263,10 +263,12 @@ def _texture(gen: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int
 
 
 def generate_shapes(n: int, image_size: int = 64, seed: int = 0, stream: int = 0,
-                    max_objects: int = 4) -> Tuple[np.ndarray, np.ndarray]:
+                    max_objects: int = 3, object_size: Tuple[float, float] = (0.15, 0.3)
+                    ) -> Tuple[np.ndarray, np.ndarray]:
     """Synthetic scenes: textured background with 1..max_objects circles/rectangles/triangles.
 
-    Colours are drawn independently of the class (only the shape tells them apart). Image i depends only on
+    Colours are drawn independently of the class; classes differ in shape and in fill pattern (circles
+    solid, rectangles diagonal stripes, triangles checks). Image i depends only on
     (seed, stream, i). Returns images (n,S,S,3) uint8 and masks (n,S,S) uint8 with 0 = background,
     1 = circle, 2 = rectangle, 3 = triangle.
     """
@@ -282,7 +284,7 @@ def generate_shapes(n: int, image_size: int = 64, seed: int = 0, stream: int = 0
         for _ in range(gen.integers(1, max_objects + 1)):
             kind = int(gen.integers(1, 4))
             for _try in range(10):
-                r = gen.uniform(0.1, 0.22) * s
+                r = gen.uniform(*object_size) * s   # "radius" as a fraction of the image side
                 cy, cx = gen.uniform(r * 0.6, s - r * 0.6, 2)
                 m = _shape_mask(kind, yy, xx, cy, cx, r, gen)
                 area = np.count_nonzero(m)
@@ -292,7 +294,17 @@ def generate_shapes(n: int, image_size: int = 64, seed: int = 0, stream: int = 0
                 col = gen.uniform(0, 255, 3)
                 if np.abs(col - bg).sum() > 120:
                     break
-            img[m] = col.astype(np.float32) + (gen.uniform(0, 30) * _texture(gen, yy, xx, s)[m])[:, None]
+            # each class also has its own fill pattern (solid / stripes / checks, random colours), so a
+            # class shows inside every patch of it, not only along its outline
+            period = max(2.0, s / 16)
+            if kind == 2:
+                pattern = np.sign(np.sin(math.pi * (yy + xx) / period))
+            elif kind == 3:
+                pattern = np.sign(np.sin(math.pi * yy / period) * np.sin(math.pi * xx / period))
+            else:
+                pattern = np.zeros_like(yy)
+            fill = col.astype(np.float32)[None] + (40.0 * pattern[m])[:, None]
+            img[m] = fill + (gen.uniform(0, 30) * _texture(gen, yy, xx, s)[m])[:, None]
             mask[m] = kind
         img += gen.standard_normal(img.shape, dtype=np.float32) * np.float32(gen.uniform(2, 12))
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
@@ -398,7 +410,8 @@ class SyntheticShapesDataModule(BaseDataModule):
         n_train: int = 2000,
         n_val: int = 200,
         n_test: int = 200,
-        max_objects: int = 4,
+        max_objects: int = 3,
+        object_size: Tuple[float, float] = (0.15, 0.3),
         batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: Optional[bool] = None,
@@ -419,6 +432,7 @@ class SyntheticShapesDataModule(BaseDataModule):
             n_val: number of val scenes.
             n_test: number of test scenes.
             max_objects: most objects per scene (at least one).
+            object_size: range of an object's half-size as a fraction of the image side.
             batch_size: images per batch.
             num_workers: dataloader workers (0: data is in memory).
             pin_memory: pin host memory; None = when CUDA is available.
@@ -437,6 +451,7 @@ class SyntheticShapesDataModule(BaseDataModule):
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self.image_size, self.n_train, self.n_val, self.n_test = int(image_size), n_train, n_val, n_test
         self.max_objects, self.batch_size, self.num_workers = max_objects, batch_size, num_workers
+        self.object_size = (float(object_size[0]), float(object_size[1]))
         self.pin_memory, self.persistent_workers, self.seed, self.data_seed = pin_memory, persistent_workers, seed, data_seed
         self.mean, self.std = resolve_mean_std(mean, std, backbone)
         self.num_classes = 4
@@ -455,7 +470,8 @@ class SyntheticShapesDataModule(BaseDataModule):
         if self.datasets:
             return
         for stream, (split, n) in enumerate((("train", self.n_train), ("val", self.n_val), ("test", self.n_test))):
-            images, masks = generate_shapes(n, self.image_size, self.data_seed, stream, self.max_objects)
+            images, masks = generate_shapes(n, self.image_size, self.data_seed, stream, self.max_objects,
+                                            self.object_size)
             if split == "train" and self.train_transform is None:
                 self.datasets[split] = _FastShapes(images, masks, self.mean, self.std, self.hflip)
             else:
