@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 
+from vitmha.visualize import segmentation_palette
+
 __all__ = [
     "AtomicCheckpointIO",
     "NonFiniteWeightsError",
@@ -278,21 +280,6 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def segmentation_palette(num_classes: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: (num_classes, 3) uint8, class 0 black, distinct colours after it."""
-    palette = np.zeros((num_classes, 3), dtype=np.uint8)
-    for c in range(num_classes):
-        r = g = b = 0
-        cid = c
-        for shift in range(7, -1, -1):
-            r |= ((cid >> 0) & 1) << shift
-            g |= ((cid >> 1) & 1) << shift
-            b |= ((cid >> 2) & 1) << shift
-            cid >>= 3
-        palette[c] = (r, g, b)
-    return palette
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):

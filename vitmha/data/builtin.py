@@ -122,7 +122,28 @@ class _TensorPredict(Dataset):
         return {"image": x, "path": self.names[split_key(key)[0]], "orig_size": self.orig_size}
 
 
-class DigitsDataModule(BaseDataModule):
+class InMemoryClassificationModule(BaseDataModule):
+    """Loaders over in-memory splits kept in ``self.datasets`` (train/val/test/predict), batches already
+    collated by the datasets."""
+
+    def _ds(self, split: str) -> Dataset:
+        self.setup()
+        return self.datasets[split]
+
+    def train_dataloader(self):
+        return self._loader(self._ds("train"), train=True, collate_fn=_passthrough)
+
+    def val_dataloader(self):
+        return self._loader(self._ds("val"), train=False, collate_fn=_passthrough)
+
+    def test_dataloader(self):
+        return self._loader(self._ds("test"), train=False, collate_fn=_passthrough)
+
+    def predict_dataloader(self):
+        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)
+
+
+class DigitsDataModule(InMemoryClassificationModule):
     """scikit-learn's 1,797 real 8×8 handwritten digits, upsampled, as a 10-class image dataset.
 
     Stratified train/val split (val doubles as test) fixed by ``split_seed``; light random affine
@@ -187,21 +208,6 @@ class DigitsDataModule(BaseDataModule):
         self.datasets["test"] = self.datasets["val"]
         self.datasets["predict"] = _TensorPredict(self.datasets["val"], [f"digits/val/{i:04d}" for i in va], (8, 8))
 
-    def _ds(self, split: str) -> Dataset:
-        self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._loader(self._ds("train"), train=True, collate_fn=_passthrough)
-
-    def val_dataloader(self):
-        return self._loader(self._ds("val"), train=False, collate_fn=_passthrough)
-
-    def test_dataloader(self):
-        return self._loader(self._ds("test"), train=False, collate_fn=_passthrough)
-
-    def predict_dataloader(self):
-        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)
 
 
 def export_digits_folder(root: str, image_size: int = 32, val_fraction: float = 0.2, split_seed: int = 0) -> str:

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from vitmha.data.base import BaseDataModule, collate_predict
-from vitmha.data.builtin import _ArrayPredict, _passthrough, _TensorClassification, _TensorPredict
+from vitmha.data.builtin import (InMemoryClassificationModule, _ArrayPredict, _TensorClassification,
+                                 _TensorPredict)
 from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
 from vitmha.data.sampling import Key, sample_generator, seed_pipeline, split_key
 from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval
@@ -89,7 +90,7 @@ def load_fashion_mnist(root: Optional[str] = None) -> Dict[str, Tuple[np.ndarray
     return out
 
 
-class _ClassificationArrays(BaseDataModule):
+class _ClassificationArrays(InMemoryClassificationModule):
     """Shared body of the in-memory grey classification modules."""
 
     def _init_common(self, image_size, batch_size, num_workers, pin_memory, persistent_workers, seed, augment,
@@ -110,21 +111,6 @@ class _ClassificationArrays(BaseDataModule):
         self.datasets["predict"] = _TensorPredict(self.datasets["test"], [f"{name}/test/{i:05d}" for i in range(len(tx))],
                                                   tuple(tx.shape[1:]))
 
-    def _ds(self, split: str) -> Dataset:
-        self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._loader(self._ds("train"), train=True, collate_fn=_passthrough)
-
-    def val_dataloader(self):
-        return self._loader(self._ds("val"), train=False, collate_fn=_passthrough)
-
-    def test_dataloader(self):
-        return self._loader(self._ds("test"), train=False, collate_fn=_passthrough)
-
-    def predict_dataloader(self):
-        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)
 
 
 class FashionMNISTDataModule(_ClassificationArrays):

@@ -10,7 +10,6 @@ from functools import partial
 from typing import Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

@@ -15,7 +15,7 @@ import pickle
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Union
 
 import numpy as np
 import torch
