@@ -89,9 +89,9 @@ def build_datamodule(section: Dict[str, Any], task: Any, where: str):
     except ToolError:
         raise
     except Exception as e:  # noqa: BLE001 - jsonargparse and the data module raise many kinds
-        from vitmha.inference import _user_error
+        from vitmha.errors import user_error
 
-        err = _user_error(e)
+        err = user_error(e)
         if err is not None:
             raise
         msg = " ".join(str(e).split())

@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, P
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from vitmha.errors import exit_on_user_error
 from vitmha.callbacks import (
     AtomicCheckpointIO,
     ClassificationPredictionWriter,
@@ -66,24 +67,6 @@ def default_monitor(model: Any) -> tuple[str, str]:
 def _checkpoint_filename(monitor: str) -> str:
     # metric names hold "/", which would make sub-folders: keep "/" out of the literal text
     return "epoch{epoch:03d}-" + monitor.replace("/", "_") + "{" + monitor + ":.4f}"
-
-
-def _user_error(exc: BaseException) -> Optional[BaseException]:
-    """The vitmha user-facing error behind ``exc``, if any: an exception class defined in vitmha, a
-    missing file, or a diverged run (the tasks raise FloatingPointError naming the epoch and step).
-
-    jsonargparse re-raises errors from a class's ``__init__`` as its own ValueError ``from`` the original,
-    so explicit causes are followed (not implicit contexts: a bug while handling an error stays a bug).
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (FileNotFoundError, FloatingPointError)) or any(
-            cls.__module__.split(".")[0] == "vitmha" for cls in type(exc).__mro__
-        ):
-            return exc
-        exc = exc.__cause__
-    return None
 
 
 _UNION_NOISE = (
@@ -225,20 +208,14 @@ def _progress_bar() -> ProgressBar:
     return TQDMProgressBar()
 
 
+@exit_on_user_error
 def cli_main(args: Optional[list[str]] = None) -> None:
     """Run the ``vitmha`` command line on ``args`` (default: ``sys.argv[1:]``).
 
     Raises SystemExit(2) after printing ``error: ...`` for vitmha's user-facing errors; other exceptions
     propagate with their traceback.
     """
-    try:
-        VitmhaCLI(args=args)
-    except Exception as exc:  # noqa: BLE001 - narrowed right below
-        user_error = _user_error(exc)
-        if user_error is None or os.environ.get("VITMHA_TRACEBACK"):
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    VitmhaCLI(args=args)
 
 
 if __name__ == "__main__":

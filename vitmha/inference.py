@@ -8,15 +8,15 @@ or ``trainer.save_checkpoint``.
 """
 from __future__ import annotations
 
-import functools
 import os
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from vitmha.errors import exit_on_user_error
 
 __all__ = [
     "ToolError", "Preprocess", "read_checkpoint", "task_class_path", "load_task", "task_kind", "backbone_of",
@@ -247,32 +247,4 @@ def resolve_device(name: Optional[str]) -> torch.device:
         raise ToolError(f"--device {name}: expected cpu or cuda") from None
 
 
-def _user_error(exc: BaseException) -> Optional[BaseException]:
-    """The user-facing error behind ``exc``: a ToolError, a missing file, or an error class defined in vitmha
-    (bad data, unreadable weights), searched along the chain of causes."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (ToolError, FileNotFoundError)) or any(
-                c.__module__.split(".")[0] == "vitmha" for c in type(exc).__mro__):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def run_tool(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a tool's ``main``: user-facing errors print ``error: ...`` and exit 2 (``VITMHA_TRACEBACK=1``
-    shows the traceback instead)."""
-
-    @functools.wraps(main)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return main(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - narrowed right below
-            err = _user_error(exc)
-            if err is None or os.environ.get("VITMHA_TRACEBACK"):
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-
-    return wrapper
+run_tool = exit_on_user_error  # the tools' entry points: user errors print one line and exit 2
