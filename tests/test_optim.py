@@ -120,3 +120,83 @@ def test_trainer_steps_the_schedule_every_optimizer_step():
         model, DataLoader(data, batch_size=4))
     expected = [1e-3 * _reference(s, 8, 2, "cosine", 0.0) for s in range(8)]
     assert seen == pytest.approx(expected)
+
+
+def _tiny_task(**kw):
+    from vitmha.tasks import ImageClassifier
+
+    return ImageClassifier(num_classes=3, backbone_kwargs=dict(img_size=16, patch_size=8, embed_dim=16, depth=1,
+                                                               num_heads=2), **kw)
+
+
+def _big_grads(module):
+    torch.manual_seed(0)
+    # cross-entropy: non-zero gradients even through the zero-initialised head
+    (torch.nn.functional.cross_entropy(module(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 0])) * 1e3).backward()
+
+
+def _global_norm(params):
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+
+def test_default_clipping_limits_the_global_gradient_norm_to_one():
+    """grad_clip_norm defaults to 1.0: the gradients after clipping equal torch.nn.utils.clip_grad_norm_'s."""
+    import lightning as L
+
+    task = _tiny_task()
+    task.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    _big_grads(task.model)
+    params = [p for p in task.model.parameters()]
+    ref = [p.grad.clone() for p in params]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref]))
+    assert total > 10
+    task.configure_gradient_clipping(torch.optim.AdamW(params))
+    scale = 1.0 / (total.item() + 1e-6)
+    for p, g in zip(params, ref):
+        torch.testing.assert_close(p.grad, g * scale, rtol=1e-5, atol=1e-8)
+    assert _global_norm(params) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_off_leaves_gradients_alone():
+    import lightning as L
+
+    task = _tiny_task(grad_clip_norm=None)
+    task.trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    _big_grads(task.model)
+    before = [p.grad.clone() for p in task.model.parameters()]
+    task.configure_gradient_clipping(torch.optim.AdamW(task.model.parameters()))
+    for p, g in zip(task.model.parameters(), before):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed gloo")
+def test_norm_clipping_under_fsdp_uses_the_root_module(tmp_path):
+    """Lightning refuses norm clipping under FSDP; vitmha clips with the root FSDP module's clip_grad_norm_,
+    whose norm covers every shard (one CPU process here: the flat parameters hold everything)."""
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        task = _tiny_task()
+        root = FSDP(task.model, device_id=torch.device("cpu"))
+        task._trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(model=root))
+        _big_grads(root)
+        assert _global_norm(root.parameters()) > 10
+        task.configure_gradient_clipping(torch.optim.AdamW(root.parameters()), gradient_clip_val=1.0)
+        assert _global_norm(root.parameters()) == pytest.approx(1.0, rel=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_from_scratch_uses_big_vision_init_unless_told_otherwise(tmp_path):
+    """From scratch: zero classifier head (weight_init 'jax'); an explicit weight_init ('' = timm's) wins."""
+    assert torch.count_nonzero(_tiny_task().model.head.weight) == 0
+    from vitmha.tasks import ImageClassifier
+
+    timm_init = ImageClassifier(num_classes=3, backbone_kwargs=dict(img_size=16, patch_size=8, embed_dim=16, depth=1,
+                                                                    num_heads=2, weight_init=""))
+    assert torch.count_nonzero(timm_init.model.head.weight) > 0

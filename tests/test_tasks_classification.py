@@ -217,8 +217,8 @@ def test_bad_arguments_are_clear_errors():
 
 
 def test_default_lr_depends_on_pretraining():
-    assert tiny_model().learning_rate == 5e-4
+    assert tiny_model().learning_rate == 1e-3
     assert tiny_model(lr=2e-4).learning_rate == 2e-4
     assert default_lr(pretrained="w.safetensors", freeze_backbone=False) == 1e-4
-    assert default_lr(pretrained=True, freeze_backbone=True) == 5e-4
-    assert default_lr(pretrained=False, freeze_backbone=False) == 5e-4
+    assert default_lr(pretrained=True, freeze_backbone=True) == 1e-3
+    assert default_lr(pretrained=False, freeze_backbone=False) == 1e-3

@@ -40,8 +40,9 @@ class ImageClassifier(BackboneTask):
         backbone: timm ViT architecture name, e.g. ``vit_small_patch16_224``.
         num_classes: number of classes (the CLI links it from the data module).
         pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
-        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, depth, ...).
-        lr: peak learning rate of AdamW; None = 1e-4 when fine-tuning pretrained weights, else 5e-4.
+        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, depth, ...). From
+            scratch ``weight_init`` defaults to ``jax`` (big_vision's init).
+        lr: peak learning rate of AdamW; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
         weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
         layer_decay: layer-wise lr decay; block i gets lr * layer_decay ** (depth - i). 1.0 = off;
             0.65-0.75 is usual for fine-tuning.
@@ -60,7 +61,7 @@ class ImageClassifier(BackboneTask):
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.9998) and evaluate with it.
         grad_checkpointing: recompute block activations in backward to save memory.
         grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
-            ``gradient_clip_val``; None = no clipping.
+            ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
         nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip``
             skips the batch and logs ``train/skipped_batches`` (single device only: under DDP the ranks
             would disagree).
@@ -88,7 +89,7 @@ class ImageClassifier(BackboneTask):
         unfreeze_at_epoch: Optional[int] = None,
         ema_decay: Optional[float] = None,
         grad_checkpointing: bool = False,
-        grad_clip_norm: Optional[float] = None,
+        grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
     ) -> None:
         super().__init__()

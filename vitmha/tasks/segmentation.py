@@ -113,10 +113,10 @@ class SemanticSegmenter(BackboneTask):
         class_names: names for the per-class IoU metrics; default the class indices.
         pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
         backbone_kwargs: overrides for ``vitmha.create_backbone``; ``dynamic_img_size`` defaults to True
-            here so that any image size works.
+            here so that any image size works; from scratch ``weight_init`` defaults to ``jax``.
         ignore_index: target value that is left out of the loss and the metrics.
         dice_weight: weight of a soft Dice loss added to the cross-entropy; 0 = off.
-        lr: peak AdamW learning rate; None = 1e-4 when fine-tuning pretrained weights, else 5e-4.
+        lr: peak AdamW learning rate; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
         weight_decay: AdamW weight decay (not on norms, biases, tokens, position embeddings).
         layer_decay: layer-wise lr decay of the backbone; the head always gets the full lr.
         warmup_epochs: linear warmup in epochs (may be fractional).
@@ -132,7 +132,7 @@ class SemanticSegmenter(BackboneTask):
         ema_decay: keep an EMA of the weights with this decay and evaluate with it.
         grad_checkpointing: recompute backbone block activations in backward to save memory.
         grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
-            ``gradient_clip_val``; None = no clipping.
+            ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
         nonfinite: on a NaN/inf training loss, ``error`` raises naming epoch and step; ``skip`` skips the
             batch and logs ``train/skipped_batches``.
     """
@@ -162,7 +162,7 @@ class SemanticSegmenter(BackboneTask):
         unfreeze_at_epoch: Optional[int] = None,
         ema_decay: Optional[float] = None,
         grad_checkpointing: bool = False,
-        grad_clip_norm: Optional[float] = None,
+        grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
     ) -> None:
         super().__init__()
