@@ -158,4 +158,34 @@ class BaseDataModule(LoaderMixin, pl.LightningDataModule):
     checkpoints) but not sent to the loggers, because Lightning refuses to log when the model and the data
     module share a key with different values (``num_classes=None`` here vs 10 there, ``backbone`` in plain
     Python use); LightningCLI already saves the full config next to the logs.
+
+    Subclasses fill ``self.datasets`` (split -> Dataset) in ``setup`` (and ``_setup_predict`` if predict
+    data is built separately); the four loaders come from here. ``split_collate`` maps a split to its
+    collate function (default: pairs, and ``collate_predict`` for predict).
     """
+
+    split_collate: Dict[str, Callable] = {}
+
+    def _dataset(self, split: str) -> Dataset:
+        if split not in self.datasets:
+            if split == "predict" and hasattr(self, "_setup_predict"):
+                self._setup_predict()
+            else:
+                self.setup("test" if split == "test" else "fit")
+        return self.datasets[split]
+
+    def _split_loader(self, split: str) -> DataLoader:
+        collate = self.split_collate.get(split, collate_predict if split == "predict" else collate_pairs)
+        return self._loader(self._dataset(split), train=split == "train", collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._split_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._split_loader("predict")

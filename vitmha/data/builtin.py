@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vitmha.data.base import BaseDataModule, collate_pairs, collate_predict
+from vitmha.data.base import BaseDataModule, collate_pairs
 from vitmha.data.sampling import Key, sample_generator, seed_pipeline, split_key
 from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval
 
@@ -126,21 +126,7 @@ class InMemoryClassificationModule(BaseDataModule):
     """Loaders over in-memory splits kept in ``self.datasets`` (train/val/test/predict), batches already
     collated by the datasets."""
 
-    def _ds(self, split: str) -> Dataset:
-        self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._loader(self._ds("train"), train=True, collate_fn=_passthrough)
-
-    def val_dataloader(self):
-        return self._loader(self._ds("val"), train=False, collate_fn=_passthrough)
-
-    def test_dataloader(self):
-        return self._loader(self._ds("test"), train=False, collate_fn=_passthrough)
-
-    def predict_dataloader(self):
-        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)
+    split_collate = {"train": _passthrough, "val": _passthrough, "test": _passthrough}
 
 
 class DigitsDataModule(InMemoryClassificationModule):
@@ -486,21 +472,7 @@ class SyntheticShapesDataModule(BaseDataModule):
             if split == "test":
                 self.datasets["predict"] = _ArrayPredict(images, self.val_transform, "synthetic_shapes/test")
 
-    def _ds(self, split: str) -> Dataset:
-        self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._loader(self._ds("train"), train=True, collate_fn=_passthrough)
-
-    def val_dataloader(self):
-        return self._loader(self._ds("val"), train=False)
-
-    def test_dataloader(self):
-        return self._loader(self._ds("test"), train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)
+    split_collate = {"train": _passthrough}  # _FastShapes collates whole batches itself
 
 
 def boundary_band(mask: np.ndarray) -> np.ndarray:

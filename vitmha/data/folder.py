@@ -5,7 +5,7 @@ import csv as csvlib
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from vitmha.data.base import BaseDataModule, ImageLabelDataset, PredictDataset, abspath, collate_predict
+from vitmha.data.base import BaseDataModule, ImageLabelDataset, PredictDataset, abspath
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (IMAGE_EXTENSIONS, check_image, expand_paths, is_hidden, is_image_file, list_dir,
                             parallel_map, raise_or_skip)
@@ -50,8 +50,8 @@ class ImageFolderDataModule(BaseDataModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
-        hflip: float = 0.5,
-        scale: Tuple[float, float] = (0.5, 1.0),
+        hflip: float = 0.0,
+        scale: Tuple[float, float] = (0.8, 1.0),
         crop_pct: Optional[float] = None,
         seed: Optional[int] = None,
         csv: Optional[Union[str, Dict[str, str]]] = None,
@@ -74,8 +74,11 @@ class ImageFolderDataModule(BaseDataModule):
             mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
-            hflip: probability of a horizontal flip in the default train pipeline (0 for digits, text, ...).
-            scale: area range of the default RandomResizedCrop.
+            hflip: probability of a horizontal flip in the default train pipeline. Off by default because a
+                mirror image changes the label of digits, text, signs and left/right anatomy; set 0.5 for
+                natural photographs (configs/finetune_gpu.yaml does).
+            scale: area range of the default RandomResizedCrop; the mild default keeps the object whole on
+                small images, (0.08, 1.0) is timm's ImageNet setting.
             crop_pct: eval resize as timm (shorter side to image_size/crop_pct, centre crop); None = plain resize.
             seed: augmentation/shuffle seed; None = ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
             csv: list mode instead of class folders: a folder (relative to root) holding ``train.csv``,
@@ -307,24 +310,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
                                                   self.image_size)
 
-    def train_dataloader(self):
-        return self._loader(self._dataset("train"), train=True)
 
-    def val_dataloader(self):
-        return self._loader(self._dataset("val"), train=False)
-
-    def test_dataloader(self):
-        return self._loader(self._dataset("test"), train=False)
-
-    def predict_dataloader(self):
-        if "predict" not in self.datasets:
-            self._setup_predict()
-        return self._loader(self.datasets["predict"], train=False, collate_fn=collate_predict)
-
-    def _dataset(self, split: str):
-        if split not in self.datasets:
-            self.setup("test" if split == "test" else "fit")
-        return self.datasets[split]
 
 
 def _is_int(s: str) -> bool:

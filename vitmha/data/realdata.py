@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vitmha.data.base import BaseDataModule, collate_predict
+from vitmha.data.base import BaseDataModule
 from vitmha.data.builtin import (InMemoryClassificationModule, _ArrayPredict, _TensorClassification,
                                  _TensorPredict)
 from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
@@ -415,19 +415,3 @@ class NucleiDataModule(BaseDataModule):
         tiles = self.datasets["val"]
         crops = np.stack([tiles.image[y:y + self.crop_size, x:x + self.crop_size] for y, x in tiles.boxes])
         self.datasets["predict"] = _ArrayPredict(crops, self.val_transform, "nuclei/val")
-
-    def _ds(self, split: str) -> Dataset:
-        self.setup()
-        return self.datasets[split]
-
-    def train_dataloader(self):
-        return self._loader(self._ds("train"), train=True)
-
-    def val_dataloader(self):
-        return self._loader(self._ds("val"), train=False)
-
-    def test_dataloader(self):
-        return self._loader(self._ds("test"), train=False)
-
-    def predict_dataloader(self):
-        return self._loader(self._ds("predict"), train=False, collate_fn=collate_predict)

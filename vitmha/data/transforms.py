@@ -50,7 +50,7 @@ def _finish(ops: List[Any], mean, std) -> List[Any]:
 
 
 def classification_train(
-    image_size: int, mean, std, hflip: float = 0.5, scale: Tuple[float, float] = (0.5, 1.0)
+    image_size: int, mean, std, hflip: float = 0.0, scale: Tuple[float, float] = (0.8, 1.0)
 ) -> A.Compose:
     """RandomResizedCrop, optional flip, a few light colour/RandAugment-style ops at low probability."""
     s = int(image_size)
@@ -95,7 +95,7 @@ def segmentation_train(
     std,
     hflip: float = 0.5,
     ignore_index: int = 255,
-    scale: Tuple[float, float] = (0.5, 2.0),
+    scale: Tuple[float, float] = (1.0, 1.0),
 ) -> A.Compose:
     """mmseg-style: shorter side to image_size × U(scale), pad (mask with ignore_index), random crop, flip, colour."""
     s = int(image_size)
