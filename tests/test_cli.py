@@ -155,6 +155,42 @@ def test_segmentation_fit_monitors_miou_and_predict_writes_masks_and_overlays(tm
     assert Image.open(overlays[0]).mode == "RGB"
 
 
+@pytest.mark.parametrize("head", ["linear", "mask_transformer", "uper", "setr_pup"])
+def test_every_segmentation_head_trains_end_to_end_through_the_cli(tmp_path, head):
+    """`vitmha fit` on a segmentation folder (png/jpg, 255 bands), then resumed to 4 epochs: the loss falls,
+    and both the backbone and the head keep changing after the first epoch."""
+    import torch
+
+    from vitmha.data import export_shapes_folder
+
+    root = export_shapes_folder(str(tmp_path / "seg"), n_train=16, n_val=4, image_size=16)
+    head_kwargs = {"channels": 8} if head in ("uper", "setr_pup") else {}
+    args = ["--seed_everything", "0", "--model", "vitmha.tasks.SemanticSegmenter",
+            "--model.init_args.backbone_kwargs", TINY_SEG_VIT, "--model.init_args.head", head,
+            "--model.init_args.head_kwargs", json.dumps(head_kwargs), "--model.init_args.lr", "0.003",
+            "--model.init_args.warmup_epochs", "0",
+            "--data", "vitmha.data.SegmentationFolderDataModule", "--data.init_args.root", root,
+            "--data.init_args.num_classes", "4", "--data.init_args.image_size", "16",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--trainer.log_every_n_steps", "1",
+            "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false"]
+    cli_main(["fit", *args, "--trainer.max_epochs", "1"])
+    first = run_dirs(tmp_path / "runs")[0]
+    after1 = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    cli_main(["fit", *args, "--trainer.max_epochs", "4", "--ckpt_path", str(first / "checkpoints" / "last.ckpt")])
+    second = run_dirs(tmp_path / "runs")[1]
+    after4 = torch.load(second / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    losses = []
+    for run in (first, second):
+        with open(run / "metrics.csv") as f:
+            losses += [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert len(losses) == 16 and sum(losses[-4:]) < sum(losses[:4]), losses
+    for part in ("model.backbone.", "model.head."):
+        keys = [k for k in after1 if k.startswith(part) and after1[k].is_floating_point()]
+        assert keys and any(not torch.equal(after1[k], after4[k]) for k in keys), part
+
+
 def test_print_config_prints_yaml_and_exits_zero(capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--print_config"])
