@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pretrained", required=True, help="self-trained backbone (.safetensors)")
     ap.add_argument("--backbone", default="vit_tiny_patch16_224")
-    ap.add_argument("--backbone-kwargs", default="{img_size: 28, patch_size: 7, embed_dim: 128, depth: 6, num_heads: 4, class_token: false, global_pool: avg}",
-                    type=yaml.safe_load, dest="backbone_kwargs", help="YAML dict; must match the checkpoint")
+    ap.add_argument("--backbone-kwargs", default=None, type=yaml.safe_load, dest="backbone_kwargs",
+                    help="YAML dict; must match the checkpoint (default: configs/fashion_mnist.yaml's)")
     ap.add_argument("--image-size", type=int, default=28)
     ap.add_argument("--subset", type=float, default=0.1, help="fraction of the labelled training split used")
     ap.add_argument("--epochs", type=int, default=30)
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-epochs", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args(argv)
+    if args.backbone_kwargs is None:  # the architecture the checkpoint was trained with, read, not copied
+        config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml").read_text())
+        args.backbone_kwargs = {k: v for k, v in config["model"]["init_args"]["backbone_kwargs"].items()
+                                if k != "weight_init"}
     if not Path(args.pretrained).is_file():
         ap.error(f"--pretrained {args.pretrained}: file not found; train and export one first (see README)")
 

@@ -311,8 +311,6 @@ class ImageFolderDataModule(BaseDataModule):
                                                   self.image_size)
 
 
-
-
 def _is_int(s: str) -> bool:
     try:
         int(s)

@@ -240,5 +240,3 @@ class SegmentationFolderDataModule(BaseDataModule):
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
                                                   self.image_size)
-
-
