@@ -84,3 +84,32 @@ def test_lightning_sets_the_epoch_of_our_sampler(tmp_path):
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Probe(), datamodule=DigitsDataModule(batch_size=8))
     assert seen == [(0, 0), (1, 1), (2, 2)]
+
+
+def test_keyed_uniforms_depend_only_on_seed_epoch_and_index():
+    from vitmha.data.sampling import keyed_uniforms
+
+    idx = np.array([5, 9, 2, 700000])
+    batch = keyed_uniforms(3, np.array([1, 1, 1, 1]), idx, 5)
+    alone = np.concatenate([keyed_uniforms(3, np.array([1]), idx[i:i + 1], 5) for i in range(4)])
+    assert np.array_equal(batch, alone) and batch.shape == (4, 5)
+    assert not np.array_equal(batch, keyed_uniforms(3, np.array([2, 2, 2, 2]), idx, 5))  # new epoch
+    assert not np.array_equal(batch, keyed_uniforms(4, np.array([1, 1, 1, 1]), idx, 5))  # new seed
+    many = keyed_uniforms(0, np.zeros(20000, np.int64), np.arange(20000), 2)
+    assert many.min() >= 0 and many.max() < 1
+    # uniform enough for augmentation: moments of U(0, 1) and no correlation between the columns
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.var() - 1 / 12) < 0.003
+    assert abs(np.corrcoef(many.T)[0, 1]) < 0.03
+
+
+def test_in_memory_train_batches_do_not_depend_on_batch_composition():
+    from vitmha.data.builtin import _TensorClassification
+
+    rng = np.random.default_rng(0)
+    ds = _TensorClassification(rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), np.arange(12) % 3,
+                               [0.5] * 3, [0.5] * 3, augment=True, max_shift=0.1, hflip=0.5)
+    keys = [(i, 4) for i in range(12)]
+    whole, _ = ds.__getitems__(keys)
+    parts = torch.cat([ds.__getitems__(keys[:5])[0], ds.__getitems__(keys[5:])[0]])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole, ds.__getitems__([(i, 5) for i in range(12)])[0])

@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitmha.data.base import BaseDataModule, collate_pairs
-from vitmha.data.sampling import Key, sample_generator, seed_pipeline, split_key
+from vitmha.data.sampling import Key, keyed_uniforms, sample_generator, seed_pipeline, split_key
 from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval
 
 TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
@@ -74,20 +74,25 @@ class _TensorClassification(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _warp(self, img: np.ndarray, key: Key) -> np.ndarray:
+    def _params(self, idx: np.ndarray, epochs: List[Optional[int]]) -> np.ndarray:
+        """(B, 5) affine draws in [-1, 1] (angle, zoom, x, y, flip): keyed by (seed, epoch, index), or unseeded
+        for keys without an epoch."""
+        if any(e is None for e in epochs):
+            return np.random.default_rng().uniform(-1, 1, (len(idx), 5))
+        return keyed_uniforms(self.seed, np.asarray(epochs), idx, 5) * 2 - 1
+
+    def _warp(self, img: np.ndarray, draw: Optional[np.ndarray]) -> np.ndarray:
         import cv2
 
         h, w = img.shape
         size = self.size
         angle, zoom, tx, ty, flip = 0.0, 1.0, 0.0, 0.0, False
-        if self.augment:
-            index, epoch = split_key(key)
-            gen = sample_generator(self.seed, epoch, index) if epoch is not None else np.random.default_rng()
-            a, z, tx, ty, f = gen.uniform(-1, 1, 5)
+        if draw is not None:
+            a, z, tx, ty, f = draw
             lo, hi = self.scale
             angle, zoom = a * self.max_rotate, lo + (z + 1) / 2 * (hi - lo)
             tx, ty, flip = tx * self.max_shift * size, ty * self.max_shift * size, (f + 1) / 2 < self.hflip
-        if not self.augment and (h, w) == (size, size):
+        elif (h, w) == (size, size):
             return img
         if flip:
             img = img[:, ::-1]
@@ -97,8 +102,10 @@ class _TensorClassification(Dataset):
                               borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
     def _batch(self, keys: Sequence[Key]) -> Tuple[torch.Tensor, torch.Tensor]:
-        idx = np.array([split_key(k)[0] for k in keys])
-        x = np.stack([self._warp(self.images[i], k) for i, k in zip(idx, keys)]).astype(np.float32) * self.unit
+        split = [split_key(k) for k in keys]
+        idx = np.array([i for i, _ in split], dtype=np.int64)
+        draws = self._params(idx, [e for _, e in split]) if self.augment else [None] * len(idx)
+        x = np.stack([self._warp(self.images[i], d) for i, d in zip(idx, draws)]).astype(np.float32) * self.unit
         x = (x[:, None] - self.mean) / self.std  # (B,1,S,S) -> (B,3,S,S)
         return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(self.labels[idx])
 

@@ -56,6 +56,25 @@ def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(_entropy(seed, epoch, index)))
 
 
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def keyed_uniforms(seed: int, epochs: np.ndarray, indices: np.ndarray, k: int) -> np.ndarray:
+    """(n, k) uniforms in [0, 1) for samples (epoch, index): row i is a function of (seed, epochs[i],
+    indices[i]) alone, like :func:`sample_generator`, but computed for a whole batch at once (a counter-based
+    SplitMix64 hash instead of one generator per sample)."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(len(indices), int(seed) & _MASK64, dtype=np.uint64))
+        h = _splitmix64(h ^ np.asarray(epochs, dtype=np.int64).astype(np.uint64))
+        h = _splitmix64(h ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
+        z = _splitmix64(h[:, None] ^ np.arange(1, k + 1, dtype=np.uint64)[None, :])
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def split_key(key: Key) -> Tuple[int, Optional[int]]:
     """``(index, epoch)`` from a sampler key; a plain index has no epoch (augmented unseeded)."""
     if isinstance(key, (tuple, list)):
