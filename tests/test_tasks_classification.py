@@ -222,3 +222,33 @@ def test_default_lr_depends_on_pretraining():
     assert default_lr(pretrained="w.safetensors", freeze_backbone=False) == 1e-4
     assert default_lr(pretrained=True, freeze_backbone=True) == 1e-3
     assert default_lr(pretrained=False, freeze_backbone=False) == 1e-3
+
+
+def test_tta_hflip_averages_the_softmax_of_the_image_and_its_mirror(tmp_path):
+    L.seed_everything(0)
+    model = tiny_model(tta_hflip=True)
+    torch.nn.init.normal_(model.model.head.weight)  # the from-scratch init zeroes the head
+    model.eval()
+    x, y = next(iter(loader(n=8, bs=8, seed=3)))
+    with torch.no_grad():
+        ref = (model.model(x).softmax(1) + model.model(x.flip(-1)).softmax(1)) / 2
+        out = model.predict_step(x, 0)
+    assert torch.allclose(out["probs"], ref, atol=1e-6)
+    assert not torch.allclose(out["probs"], model.model(x).softmax(1), atol=1e-4)
+    tr = trainer(tmp_path, logger=CSVLogger(tmp_path, name="tta"))
+    (metrics,) = tr.validate(model, DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    assert metrics["val/loss"] == pytest.approx(float(torch.nn.functional.nll_loss(ref.log(), y)), rel=1e-5)
+    assert metrics["val/acc"] == pytest.approx(float((ref.argmax(1) == y).float().mean()))
+
+
+def test_without_tta_the_eval_loss_is_the_plain_cross_entropy(tmp_path):
+    L.seed_everything(0)
+    model = tiny_model()
+    torch.nn.init.normal_(model.model.head.weight)
+    x, y = next(iter(loader(n=8, bs=8, seed=3)))
+    tr = trainer(tmp_path, logger=CSVLogger(tmp_path, name="plain"))
+    (metrics,) = tr.validate(model, DataLoader(TensorDataset(x, y), batch_size=8), verbose=False)
+    model.eval()
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model.model(x), y)
+    assert metrics["val/loss"] == pytest.approx(float(ref), rel=1e-5)

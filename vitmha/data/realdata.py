@@ -94,7 +94,8 @@ class _ClassificationArrays(InMemoryClassificationModule):
     """Shared body of the in-memory grey classification modules."""
 
     def _init_common(self, image_size, batch_size, num_workers, pin_memory, persistent_workers, seed, augment,
-                     hflip, max_rotate, max_shift, mean, std, backbone):
+                     hflip, max_rotate, max_shift, mean, std, backbone, scale=(0.9, 1.1)):
+        self.scale = (float(scale[0]), float(scale[1]))
         self.image_size, self.batch_size, self.num_workers = int(image_size), batch_size, num_workers
         self.pin_memory, self.persistent_workers, self.seed = pin_memory, persistent_workers, seed
         self.augment, self.hflip, self.max_rotate, self.max_shift = augment, hflip, max_rotate, max_shift
@@ -106,7 +107,7 @@ class _ClassificationArrays(InMemoryClassificationModule):
             train = split == "train"
             self.datasets[split] = _TensorClassification(
                 x, y, self.mean, self.std, augment=train and self.augment, max_rotate=self.max_rotate,
-                max_shift=self.max_shift, scale=(0.9, 1.1), image_size=self.image_size, hflip=self.hflip)
+                max_shift=self.max_shift, scale=self.scale, image_size=self.image_size, hflip=self.hflip)
         tx = splits["test"][0]
         self.datasets["predict"] = _TensorPredict(self.datasets["test"], [f"{name}/test/{i:05d}" for i in range(len(tx))],
                                                   tuple(tx.shape[1:]))
@@ -136,6 +137,7 @@ class FashionMNISTDataModule(_ClassificationArrays):
         hflip: float = 0.5,
         max_rotate: float = 0.0,
         max_shift: float = 0.08,
+        scale: Tuple[float, float] = (0.9, 1.1),
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
@@ -155,6 +157,7 @@ class FashionMNISTDataModule(_ClassificationArrays):
             hflip: horizontal flip probability (clothes are left-right symmetric).
             max_rotate: largest rotation in degrees.
             max_shift: largest shift as a fraction of the image side.
+            scale: range of the random zoom; (1, 1) turns it off.
             mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
@@ -162,7 +165,7 @@ class FashionMNISTDataModule(_ClassificationArrays):
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self._init_common(image_size, batch_size, num_workers, pin_memory, persistent_workers, seed, augment,
-                          hflip, max_rotate, max_shift, mean, std, backbone)
+                          hflip, max_rotate, max_shift, mean, std, backbone, scale)
         self.root, self.val_size, self.split_seed = root, val_size, split_seed
         self.num_classes = 10
         self.classes = list(FASHION_CLASSES)

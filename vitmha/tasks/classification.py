@@ -1,6 +1,7 @@
 """Image classification with a vitmha backbone."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -59,6 +60,8 @@ class ImageClassifier(BackboneTask):
         unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on. Under DDP the
             unfrozen parameters are not synchronised: use it on one device.
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.9998) and evaluate with it.
+        tta_hflip: validate, test and predict on each image and its mirror image, averaging the two
+            softmax outputs (for classes that a mirror image keeps, such as clothes or photographs).
         grad_checkpointing: recompute block activations in backward to save memory.
         grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
             ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
@@ -88,6 +91,7 @@ class ImageClassifier(BackboneTask):
         freeze_backbone: bool = False,
         unfreeze_at_epoch: Optional[int] = None,
         ema_decay: Optional[float] = None,
+        tta_hflip: bool = False,
         grad_checkpointing: bool = False,
         grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
@@ -127,10 +131,19 @@ class ImageClassifier(BackboneTask):
         self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
+    def _eval_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the inference model; with ``tta_hflip`` the log of the mean softmax over the image
+        and its mirror image."""
+        logp = self.inference_model(x).float().log_softmax(dim=-1)
+        if self.hparams.get("tta_hflip", False):
+            flipped = self.inference_model(x.flip(-1)).float().log_softmax(dim=-1)
+            logp = torch.logaddexp(logp, flipped) - math.log(2.0)
+        return logp
+
     def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self.inference_model(x).float()
-        loss = F.cross_entropy(logits, y)
+        logits = self._eval_log_probs(x)  # normalised logits: same argmax, top-k and softmax
+        loss = F.nll_loss(logits, y)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(logits, y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
@@ -161,5 +174,5 @@ class ImageClassifier(BackboneTask):
             x, paths = batch[0], None
         else:
             x, paths = batch, None
-        probs = self.inference_model(x).float().softmax(dim=-1)
+        probs = self._eval_log_probs(x).exp()
         return {"path": paths, "probs": probs, "pred": probs.argmax(dim=-1)}
