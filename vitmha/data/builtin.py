@@ -59,7 +59,7 @@ class _TensorClassification(Dataset):
     torch's intra-op threads cost more than they save on such small tensors when the model shares the cores.
     Also used by the real-data modules (Fashion-MNIST, MNIST-5k). Each image's draws come from (seed, epoch,
     index): one numpy generator per image, or with ``batch_draws`` one SplitMix64 hash for the whole batch
-    (2x faster data on Fashion-MNIST; a different stream, so the digits keep the generators their documented
+    (faster: benchmarks/data_draws.py; a different stream, so the digits keep the generators their documented
     quickstart figure was measured with).
     """
 

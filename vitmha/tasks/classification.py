@@ -135,7 +135,7 @@ class ImageClassifier(BackboneTask):
         """Log-softmax of the inference model; with ``tta_hflip`` the log of the mean softmax over the image
         and its mirror image."""
         logp = self.inference_model(x).float().log_softmax(dim=-1)
-        if self.hparams.get("tta_hflip", False):
+        if self.hparams.tta_hflip:
             flipped = self.inference_model(x.flip(-1)).float().log_softmax(dim=-1)
             logp = torch.logaddexp(logp, flipped) - math.log(2.0)
         return logp
