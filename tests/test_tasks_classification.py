@@ -161,6 +161,22 @@ def test_linear_probe_trains_only_the_head(tmp_path):
     assert changed == {"head.weight", "head.bias"}
 
 
+def test_freeze_blocks_keeps_the_embeddings_and_first_blocks_unchanged(tmp_path):
+    L.seed_everything(0)
+    model = tiny_model(freeze_blocks=1)
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    trainer(tmp_path, epochs=1, logger=False, enable_checkpointing=False).fit(model, loader())
+    after = model.model.state_dict()
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("blocks.") else "")
+               for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"blocks.1", "norm", "head"}
+
+
+def test_freeze_blocks_deeper_than_the_backbone_is_an_error():
+    with pytest.raises(ValueError, match="freeze_blocks=3, but the backbone has 2 blocks"):
+        tiny_model(freeze_blocks=3)
+
+
 def test_unfreeze_at_epoch_trains_the_backbone_afterwards(tmp_path):
     L.seed_everything(0)
     model = tiny_model(freeze_backbone=True, unfreeze_at_epoch=1)

@@ -14,7 +14,6 @@ the centre patch). The maps come from ``backbone.forward_attention`` on the trai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -27,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vitmha.inference import (Preprocess, ToolError, backbone_of, eval_transform, load_task,  # noqa: E402
-                              preprocess_config, read_checkpoint, read_image, resolve_device, run_tool, task_kind)
+                              parse_backbone_kwargs, preprocess_config, pretrained_backbone, read_checkpoint,
+                              read_image, resolve_device, run_tool, task_kind)
 from vitmha.visualize import attention_maps, denormalize, save_attention_figure  # noqa: E402
 
 DISPLAY_MIN = 224  # small inputs are upscaled for display so the panels stay readable
@@ -42,8 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
     src.add_argument("--backbone", help="timm ViT arch name, used with --pretrained instead of a checkpoint")
     p.add_argument("--pretrained", default=None,
-                   help="with --backbone: weights file (.safetensors/.pth/.npz), or 'timm' for timm's cached weights")
-    p.add_argument("--backbone-kwargs", default=None, help='with --backbone: JSON overrides, e.g. \'{"img_size": 384}\'')
+                   help="with --backbone: a weights file (.safetensors/.pth/.npz), or 'true' for timm's pretrained weights "
+                        "(Hugging Face cache)")
+    p.add_argument("--backbone-kwargs", default=None, help='with --backbone: YAML/JSON overrides, e.g. \'{img_size: 384}\'')
     p.add_argument("--input", required=True, help="one image file")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--layer", type=int, default=-1, help="block whose heads are drawn (negative counts from the end)")
@@ -54,24 +55,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def _from_backbone(args) -> Tuple[torch.nn.Module, Preprocess]:
-    from vitmha import create_backbone
-
-    kwargs: Dict[str, Any] = {}
-    if args.backbone_kwargs:
-        try:
-            kwargs = json.loads(args.backbone_kwargs)
-        except json.JSONDecodeError as e:
-            raise ToolError(f"--backbone-kwargs: not valid JSON ({e})") from None
-    pretrained: Any = args.pretrained or False
-    if pretrained == "timm":
-        pretrained = True
-    elif pretrained and not os.path.isfile(pretrained):
-        raise ToolError(f"{pretrained}: weights file not found")
-    bb = create_backbone(args.backbone, pretrained=pretrained, **kwargs).eval()
-    cfg = bb.pretrained_cfg
-    size = int(cfg["input_size"][-1])
-    return bb, Preprocess(image_size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                          crop_pct=None, source="backbone")
+    # the pretrained config's mean/std and size; the whole image resized, not centre-cropped, so that every
+    # part of it is in the maps
+    bb, pre = pretrained_backbone(args.backbone, args.pretrained or False, parse_backbone_kwargs(args.backbone_kwargs))
+    pre.crop_pct = None
+    return bb, pre
 
 
 @run_tool

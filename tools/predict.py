@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Run a trained vitmha checkpoint on image files.
+"""Run a trained vitmha checkpoint, or a pretrained timm classifier as it is, on image files.
 
     python tools/predict.py --checkpoint run/checkpoints/last.ckpt --input photos/ more/*.jpg --output preds/
+    python tools/predict.py --backbone vit_tiny_patch16_224.augreg_in21k_ft_in1k --pretrained true \\
+        --input data/samples/ --output preds/
 
 Classifiers write ``preds/predictions.csv``: one row per image with its top-k labels and probabilities.
 Segmenters write ``preds/<stem>_mask.png`` (one channel, pixel = class index, at the image's original size)
@@ -28,8 +30,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vitmha.inference import (Preprocess, ToolError, batched, collect_inputs, eval_transform, load_task,  # noqa: E402
-                              normalize_only, preprocess_config, read_checkpoint, read_image, resolve_device,
-                              run_tool, task_kind)
+                              normalize_only, parse_backbone_kwargs, preprocess_config, pretrained_backbone,
+                              read_checkpoint, read_image, resolve_device, run_tool, task_kind)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -37,7 +39,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = None if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(prog="tools/predict.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    src.add_argument("--backbone", help="timm ViT name (with its tag) whose pretrained classifier to run instead")
+    p.add_argument("--pretrained", default=None,
+                   help="with --backbone: 'true' (timm's pretrained weights, the default) or a weights file")
+    p.add_argument("--backbone-kwargs", default=None,
+                   help='with --backbone: YAML/JSON overrides of create_backbone, e.g. \'{img_size: 384}\'')
     p.add_argument("--input", required=True, nargs="+", help="image files, folders (searched recursively) or globs")
     p.add_argument("--output", required=True, help="output folder (created)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
@@ -57,11 +65,13 @@ def _progress(total: int, disable: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
-def predict_classification(task, pre: Preprocess, files: List[str], args, device: torch.device) -> Path:
-    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK); returns its path."""
+def predict_classification(model, num_classes: int, pre: Preprocess, files: List[str], args,
+                           device: torch.device) -> Path:
+    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK) from ``model(x)`` logits; returns
+    its path."""
     transform = eval_transform(pre, "classification")
-    k = max(1, min(args.topk, int(task.hparams.num_classes)))
-    names = pre.classes or [str(i) for i in range(int(task.hparams.num_classes))]
+    k = max(1, min(args.topk, int(num_classes)))
+    names = pre.classes or [str(i) for i in range(int(num_classes))]
     out = Path(args.output) / "predictions.csv"
     tmp = out.with_name(f".{out.name}.tmp")
     with open(tmp, "w", newline="") as f, _progress(len(files), args.no_progress, "predict") as bar:
@@ -70,7 +80,7 @@ def predict_classification(task, pre: Preprocess, files: List[str], args, device
         for chunk in batched(files, args.batch_size):
             x = torch.stack([transform(image=read_image(p))["image"] for p in chunk]).to(device)
             with torch.no_grad():
-                probs = task(x).float().softmax(-1).cpu()
+                probs = model(x).float().softmax(-1).cpu()
             top_p, top_i = probs.topk(k, dim=-1)
             for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
                 row = [path]
@@ -152,9 +162,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
-    ckpt = read_checkpoint(args.checkpoint)
+    if args.backbone is None and (args.pretrained is not None or args.backbone_kwargs is not None):
+        raise ToolError("--pretrained and --backbone-kwargs go with --backbone (a checkpoint holds its own weights)")
     files = collect_inputs(args.input)
     device = resolve_device(args.device)
+    if args.backbone:
+        kwargs = parse_backbone_kwargs(args.backbone_kwargs)
+        bb, pre = pretrained_backbone(args.backbone, "true" if args.pretrained is None else args.pretrained, kwargs)
+        if not getattr(bb, "num_classes", 0):
+            raise ToolError(f"{args.backbone}: this backbone has no classifier head (num_classes=0) to predict with")
+        os.makedirs(args.output, exist_ok=True)
+        out = predict_classification(bb.to(device), bb.num_classes, pre, files, args, device)
+        print(f"wrote {out} ({len(files)} images)")
+        return
+    ckpt = read_checkpoint(args.checkpoint)
     task = load_task(args.checkpoint, ckpt=ckpt).to(device)
     pre = preprocess_config(task, ckpt)
     os.makedirs(args.output, exist_ok=True)
@@ -162,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         masks = predict_segmentation(task, pre, files, args, device)
         print(f"wrote {len(masks)} masks and overlays to {args.output}")
     else:
-        out = predict_classification(task, pre, files, args, device)
+        out = predict_classification(task, int(task.hparams.num_classes), pre, files, args, device)
         print(f"wrote {out} ({len(files)} images)")
 
 

@@ -21,7 +21,7 @@ from vitmha.errors import exit_on_user_error
 __all__ = [
     "ToolError", "Preprocess", "read_checkpoint", "task_class_path", "load_task", "task_kind", "backbone_of",
     "preprocess_config", "eval_transform", "normalize_only", "collect_inputs", "read_image", "batched",
-    "resolve_device", "run_tool",
+    "resolve_device", "run_tool", "pretrained_backbone", "parse_pretrained", "parse_backbone_kwargs",
 ]
 
 CLASSIFIER = "vitmha.tasks.ImageClassifier"
@@ -180,6 +180,66 @@ def preprocess_config(task: nn.Module, ckpt: Dict[str, Any]) -> Preprocess:
                       val_transforms=dm.get("val_transforms"), classes=_class_names(task, dm, k),
                       ignore_index=int(task.hparams.get("ignore_index", dm.get("ignore_index", 255))),
                       source=source, datamodule=dm)
+
+
+def parse_pretrained(value: Any) -> Any:
+    """A tool's ``--pretrained`` value: ``true``/``timm`` -> True (timm's pretrained config and the hub
+    cache), ``false``/None -> False, anything else a weights file that must exist (ToolError otherwise)."""
+    if value is None or value is False or str(value).lower() in ("false", "none", "0", ""):
+        return False
+    if value is True or str(value).lower() in ("true", "timm", "1"):
+        return True
+    if not os.path.isfile(os.path.expanduser(str(value))):
+        raise ToolError(f"{value}: weights file not found (or pass --pretrained true for timm's pretrained weights)")
+    return os.path.expanduser(str(value))
+
+
+def parse_backbone_kwargs(text: Optional[str]) -> Dict[str, Any]:
+    """A tool's ``--backbone-kwargs`` (a YAML or JSON mapping) as a dict; ToolError when it is not one."""
+    if not text:
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ToolError(f"--backbone-kwargs: not valid YAML/JSON ({' '.join(str(e).split())})") from None
+    if not isinstance(value, dict):
+        raise ToolError(f"--backbone-kwargs: expected a mapping such as '{{img_size: 384}}', got {text!r}")
+    return value
+
+
+def imagenet_class_names(cfg: Dict[str, Any], num_classes: int) -> Optional[List[str]]:
+    """Human-readable class names (``tabby, tabby cat``) for a backbone whose pretrained config is an
+    ImageNet classifier with ``num_classes`` outputs (timm's ``ImageNetInfo``), else None."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+    except ImportError:
+        return None
+    subset = infer_imagenet_subset(cfg) if cfg else None
+    if not subset:
+        return None
+    info = ImageNetInfo(subset)
+    if info.num_classes() != num_classes:
+        return None
+    return [str(d) for d in info.label_descriptions(as_dict=False)]
+
+
+def pretrained_backbone(name: str, pretrained: Any = True,
+                        backbone_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Preprocess]:
+    """A timm-named backbone with its pretrained weights and head, in eval mode, and the preprocessing of its
+    pretrained config: timm's eval transform (shorter side to size / crop_pct, centre crop, bicubic) with the
+    config's mean/std, and ImageNet class names when the head is an ImageNet classifier."""
+    from vitmha.models import create_backbone
+
+    bb = create_backbone(name, pretrained=parse_pretrained(pretrained), **(backbone_kwargs or {})).eval()
+    cfg = getattr(bb, "pretrained_cfg", {}) or {}
+    from vitmha.models.config import pretrained_cfg
+
+    full = pretrained_cfg(name)
+    classes = imagenet_class_names(full, int(getattr(bb, "num_classes", 0) or 0))
+    return bb, Preprocess(image_size=_backbone_image_size(bb), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                          crop_pct=cfg.get("crop_pct"), classes=classes, source="backbone")
 
 
 def eval_transform(pre: Preprocess, kind: str):

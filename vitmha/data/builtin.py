@@ -267,12 +267,13 @@ def _texture(gen: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int
 
 
 def generate_shapes(n: int, image_size: int = 64, seed: int = 0, stream: int = 0,
-                    max_objects: int = 3, object_size: Tuple[float, float] = (0.15, 0.3)
-                    ) -> Tuple[np.ndarray, np.ndarray]:
+                    max_objects: int = 3, object_size: Tuple[float, float] = (0.15, 0.3),
+                    class_patterns: bool = True) -> Tuple[np.ndarray, np.ndarray]:
     """Synthetic scenes: textured background with 1..max_objects circles/rectangles/triangles.
 
-    Colours are drawn independently of the class; classes differ in shape and in fill pattern (circles
-    solid, rectangles diagonal stripes, triangles checks). Image i depends only on
+    Colours are drawn independently of the class; classes differ in shape and, with ``class_patterns``,
+    in fill pattern (circles solid, rectangles diagonal stripes, triangles checks). Without it each object
+    gets one of the three patterns at random, so only its outline tells its class. Image i depends only on
     (seed, stream, i). Returns images (n,S,S,3) uint8 and masks (n,S,S) uint8 with 0 = background,
     1 = circle, 2 = rectangle, 3 = triangle.
     """
@@ -301,9 +302,10 @@ def generate_shapes(n: int, image_size: int = 64, seed: int = 0, stream: int = 0
             # each class also has its own fill pattern (solid / stripes / checks, random colours), so a
             # class shows inside every patch of it, not only along its outline
             period = max(2.0, s / 16)
-            if kind == 2:
+            look = kind if class_patterns else int(gen.integers(1, 4))
+            if look == 2:
                 pattern = np.sign(np.sin(math.pi * (yy + xx) / period))
-            elif kind == 3:
+            elif look == 3:
                 pattern = np.sign(np.sin(math.pi * yy / period) * np.sin(math.pi * xx / period))
             else:
                 pattern = np.zeros_like(yy)
@@ -500,14 +502,14 @@ def boundary_band(mask: np.ndarray) -> np.ndarray:
 
 
 def export_shapes_folder(root: str, n_train: int = 320, n_val: int = 80, image_size: int = 64,
-                         ignore_band: bool = True, seed: int = 0) -> str:
+                         ignore_band: bool = True, seed: int = 0, class_patterns: bool = True) -> str:
     """Write synthetic shapes as a SegmentationFolder tree: ``root/{train,val}/{images,masks}``.
 
     Images alternate png/jpg; with ``ignore_band`` every other mask has 255 on a 2-px band along object
-    boundaries. Returns root.
+    boundaries. ``class_patterns=False`` makes outline-only scenes (see ``generate_shapes``). Returns root.
     """
     for stream, (split, n) in enumerate((("train", n_train), ("val", n_val))):
-        images, masks = generate_shapes(n, image_size, seed, stream)
+        images, masks = generate_shapes(n, image_size, seed, stream, class_patterns=class_patterns)
         idir, mdir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
         os.makedirs(idir, exist_ok=True)
         os.makedirs(mdir, exist_ok=True)

@@ -56,7 +56,7 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 
 class BackboneTask(L.LightningModule):
     """Base class; expects hparams ``lr, weight_decay, layer_decay, warmup_epochs, warmup_steps, min_lr,
-    scheduler, freeze_backbone, unfreeze_at_epoch, ema_decay, nonfinite, pretrained``."""
+    scheduler, freeze_backbone, freeze_blocks, unfreeze_at_epoch, ema_decay, nonfinite, pretrained``."""
 
     model: nn.Module
     ema: Optional[ModelEma]
@@ -69,6 +69,8 @@ class BackboneTask(L.LightningModule):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {hp.nonfinite!r}")
         if hp.unfreeze_at_epoch is not None and not hp.freeze_backbone:
             raise ValueError("unfreeze_at_epoch needs freeze_backbone=True")
+        if int(hp.get("freeze_blocks") or 0) < 0:
+            raise ValueError(f"freeze_blocks must be >= 0, got {hp.freeze_blocks}")
         if not 0.0 < hp.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {hp.layer_decay}")
         self.skipped_batches = 0
@@ -86,6 +88,17 @@ class BackboneTask(L.LightningModule):
     def frozen_parameters(self) -> List[nn.Parameter]:
         """Parameters frozen by ``freeze_backbone``."""
         return list(self.backbone_module().parameters())
+
+    def leading_parameters(self, n: int) -> List[nn.Parameter]:
+        """The patch embedding, prefix tokens, position embedding and the first ``n`` blocks of the backbone
+        (what ``freeze_blocks`` freezes). Raises ValueError when the backbone has fewer than ``n`` blocks."""
+        bb = self.backbone_module()
+        depth = len(bb.blocks)
+        if n > depth:
+            raise ValueError(f"freeze_blocks={n}, but the backbone has {depth} blocks")
+        prefixes = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.") + tuple(
+            f"blocks.{i}." for i in range(n))
+        return [p for name, p in bb.named_parameters() if name.startswith(prefixes)]
 
     def frozen_modules(self) -> List[nn.Module]:
         """Modules kept in eval mode while frozen (no dropout/drop-path)."""
@@ -141,6 +154,10 @@ class BackboneTask(L.LightningModule):
                                                or self.current_epoch < hp.unfreeze_at_epoch)
         for p in self.frozen_parameters():
             p.requires_grad_(not frozen)
+        n = int(hp.get("freeze_blocks") or 0)
+        if n and not frozen:  # no gradient flows below block n: those blocks cost a forward pass only
+            for p in self.leading_parameters(n):
+                p.requires_grad_(False)
         self._backbone_frozen = frozen
         self.train(self.training)
 

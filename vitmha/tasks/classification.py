@@ -57,6 +57,8 @@ class ImageClassifier(BackboneTask):
         mix_prob: probability that a batch is mixed when mixup or cutmix is on.
         drop_path_rate: stochastic depth rate; None keeps the architecture's default.
         freeze_backbone: train the classifier head only (linear probe).
+        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks
+            of the backbone frozen (no gradient is computed through them, so a step is cheaper); 0 = off.
         unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on. Under DDP the
             unfrozen parameters are not synchronised: use it on one device.
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.9998) and evaluate with it.
@@ -89,6 +91,7 @@ class ImageClassifier(BackboneTask):
         mix_prob: float = 1.0,
         drop_path_rate: Optional[float] = None,
         freeze_backbone: bool = False,
+        freeze_blocks: int = 0,
         unfreeze_at_epoch: Optional[int] = None,
         ema_decay: Optional[float] = None,
         tta_hflip: bool = False,
@@ -102,6 +105,7 @@ class ImageClassifier(BackboneTask):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.model = build_backbone(backbone, pretrained, backbone_kwargs, drop_path_rate, num_classes=num_classes)
+        self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None

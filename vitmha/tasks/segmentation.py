@@ -128,6 +128,8 @@ class SemanticSegmenter(BackboneTask):
         slide_stride: stride of the sliding windows; default 2/3 of the window.
         drop_path_rate: stochastic depth rate of the backbone; None keeps the architecture's default.
         freeze_backbone: train the head only.
+        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks
+            of the backbone frozen (no gradient is computed through them, so a step is cheaper); 0 = off.
         unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on (single device).
         ema_decay: keep an EMA of the weights with this decay and evaluate with it.
         grad_checkpointing: recompute backbone block activations in backward to save memory.
@@ -159,6 +161,7 @@ class SemanticSegmenter(BackboneTask):
         slide_stride: Optional[int] = None,
         drop_path_rate: Optional[float] = None,
         freeze_backbone: bool = False,
+        freeze_blocks: int = 0,
         unfreeze_at_epoch: Optional[int] = None,
         ema_decay: Optional[float] = None,
         grad_checkpointing: bool = False,
@@ -181,6 +184,7 @@ class SemanticSegmenter(BackboneTask):
         if grad_checkpointing:
             bb.set_grad_checkpointing(True)
         self.model = SegmentationModel(bb, build_head(head, bb, num_classes, **(head_kwargs or {})))
+        self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
         self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
         self.class_keys = [_metric_key(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
         self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
