@@ -99,6 +99,20 @@ def test_load_from_checkpoint_gives_the_same_logits(fitted, tmp_path):
     assert int(loaded.ema.num_updates) == int(model.ema.num_updates) == 8
 
 
+def test_checkpoint_with_ema_loads_as_pretrained_with_the_ema_weights(fitted, tmp_path):
+    import vitmha
+
+    model, tr = fitted
+    path = tmp_path / "ema.ckpt"
+    tr.save_checkpoint(path)
+    with pytest.warns(UserWarning, match="loading the EMA weights"):
+        bb = vitmha.create_backbone("vit_tiny_patch16_224", pretrained=str(path), num_classes=C, **TINY).eval()
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(bb(x), model.ema.module(x))
+
+
 def test_eval_forward_uses_ema_weights(fitted):
     model, _ = fitted
     model.eval()

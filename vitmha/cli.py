@@ -44,24 +44,17 @@ LOG_NAME = "lightning_logs"
 
 
 def is_segmenter(model: Any) -> bool:
-    """True for dense-prediction tasks (``task == "segmentation"`` or a segmenter class)."""
-    task = getattr(model, "task", None)
-    if isinstance(task, str):
-        return task.lower().startswith("seg")
-    return any("segment" in cls.__name__.lower() for cls in type(model).__mro__)
+    """True for tasks that declare ``task = "segmentation"``."""
+    return getattr(model, "task", None) == "segmentation"
 
 
 def default_monitor(model: Any) -> tuple[str, str]:
-    """The validation metric (and its mode) that picks a task's best checkpoint.
-
-    The model's own ``monitor``/``monitor_mode`` attributes win; otherwise ``val/miou`` for segmenters and
-    ``val/acc`` for everything else, both maximised.
-    """
-    monitor = getattr(model, "monitor", None)
-    if isinstance(monitor, str) and monitor:
-        mode = getattr(model, "monitor_mode", None) or ("min" if "loss" in monitor else "max")
-        return monitor, mode
-    return ("val/miou" if is_segmenter(model) else "val/acc"), "max"
+    """The validation metric (and its mode) that picks a task's best checkpoint: the model's ``monitor``
+    (and ``monitor_mode``; default "min" for a loss, else "max"), or ``val/loss`` minimised for a
+    LightningModule that declares none."""
+    monitor = getattr(model, "monitor", None) or "val/loss"
+    mode = getattr(model, "monitor_mode", None) or ("min" if "loss" in monitor else "max")
+    return monitor, mode
 
 
 def _checkpoint_filename(monitor: str) -> str:

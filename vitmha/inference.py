@@ -100,7 +100,7 @@ def load_task(checkpoint: str, map_location: Any = "cpu", ckpt: Optional[Dict[st
 
 def task_kind(task: nn.Module) -> str:
     """``"segmentation"`` or ``"classification"``."""
-    return "segmentation" if any("segment" in c.__name__.lower() for c in type(task).__mro__) else "classification"
+    return "segmentation" if getattr(task, "task", None) == "segmentation" else "classification"
 
 
 def backbone_of(task: nn.Module) -> nn.Module:

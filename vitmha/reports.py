@@ -229,7 +229,7 @@ class SegmentationReport:
 
 # ------------------------------------------------------------------------------------------------ callback
 def _is_segmenter(pl_module: Any) -> bool:
-    return any("segment" in c.__name__.lower() for c in type(pl_module).__mro__)
+    return getattr(pl_module, "task", None) == "segmentation"
 
 
 def _batch_xy(batch: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

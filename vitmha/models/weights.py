@@ -2,7 +2,7 @@
 
 Files: `.safetensors` (preferred), `.pth/.pt/.bin/.ckpt` (torch.load with weights_only=True: a pickle that
 would build arbitrary objects is refused, nothing in it runs), and big_vision/timm JAX `.npz`.
-Layouts converted: timm's own, Lightning checkpoints of vitmha tasks, DINOv2's original, OpenAI / Open CLIP
+Layouts converted: timm's own, Lightning checkpoints of vitmha tasks (their EMA weights when trained with EMA), DINOv2's original, OpenAI / Open CLIP
 visual towers, DeiT-3 / BEiT `gamma_1/gamma_2`. Then the position embedding is resampled to the model's
 grid, the patch kernel to its patch size, a classifier head of another size is re-initialised with a
 warning, and any other missing, unexpected or mis-shaped key is an error that lists the keys.
@@ -97,6 +97,17 @@ def _strip_prefixes(sd: StateDict) -> StateDict:
                 sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
                 changed = True
     return sd
+
+
+def _take_ema(sd: StateDict, source: str) -> StateDict:
+    """A vitmha task checkpoint trained with ``ema_decay`` holds the trained weights (``model.*``) and their EMA
+    (``ema.module.*``); the task evaluates with the EMA copy, so that is the one loaded."""
+    ema = {k[len("ema.module."):]: v for k, v in sd.items() if k.startswith("ema.module.")}
+    if not any(".blocks." in k or k.startswith("blocks.") for k in ema):
+        return sd
+    warnings.warn(f"{source}: a task checkpoint with weight EMA: loading the EMA weights (ema.module.*), the ones "
+                  "its validation and test used", stacklevel=4)
+    return ema
 
 
 def _convert_openai_clip(sd: StateDict, prefix: str) -> StateDict:
@@ -203,11 +214,11 @@ def _convert_npz(sd: StateDict, model: nn.Module) -> StateDict:
     return out
 
 
-def convert_layout(sd: StateDict, model: nn.Module) -> StateDict:
+def convert_layout(sd: StateDict, model: nn.Module, source: str = "weights") -> StateDict:
     """Bring a state dict of any supported layout to timm's (= vitmha's) key names."""
     if any("/" in k for k in sd):
         return _convert_npz(sd, model)
-    sd = _strip_prefixes(sd)
+    sd = _strip_prefixes(_take_ema(sd, source))
     for prefix in ("visual.", ""):
         if f"{prefix}transformer.resblocks.0.ln_1.weight" in sd:
             return _convert_openai_clip(sd, prefix)
@@ -256,7 +267,7 @@ def load_into(model: nn.Module, weights, source: str = "weights") -> None:
         sd = unwrap_state_dict(weights, source)
     else:
         raise WeightsError(f"pretrained must be False, True, a path or a state dict; got {type(weights).__name__}")
-    sd = convert_layout(sd, model)
+    sd = convert_layout(sd, model, source)
     sd = _fit_shapes(sd, model, source)
     own = model.state_dict()
 

@@ -60,6 +60,10 @@ class BackboneTask(L.LightningModule):
 
     model: nn.Module
     ema: Optional[ModelEma]
+    #: what the task predicts ("classification" or "segmentation"); the CLI, tools and reports read it
+    task: str = ""
+    #: the validation metric that picks the best checkpoint (maximised)
+    monitor: str = "val/loss"
 
     def _check_common_args(self) -> None:
         hp = self.hparams

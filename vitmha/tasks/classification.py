@@ -72,6 +72,9 @@ class ImageClassifier(BackboneTask):
             would disagree).
     """
 
+    task = "classification"
+    monitor = "val/acc"
+
     def __init__(
         self,
         backbone: str = "vit_tiny_patch16_224",

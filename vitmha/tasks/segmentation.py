@@ -139,6 +139,9 @@ class SemanticSegmenter(BackboneTask):
             batch and logs ``train/skipped_batches``.
     """
 
+    task = "segmentation"
+    monitor = "val/miou"
+
     def __init__(
         self,
         backbone: str = "vit_tiny_patch16_224",
