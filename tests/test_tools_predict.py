@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_tools_common import CLF_CLASSES, assert_real_png, ckpts, load_tool, run_tool  # noqa: F401
+from tests.test_tools_common import (CLF_BACKBONE, CLF_CLASSES, MEAN, STD, assert_real_png, ckpts, load_tool,  # noqa: F401
+                                     make_folder, run_tool)
 from vitmha.inference import load_task, normalize_only, preprocess_config, read_checkpoint
 
 
@@ -110,3 +111,48 @@ def test_missing_input_exits_2_naming_it(ckpts, tmp_path, capsys):
         predict.main(["--checkpoint", ckpts["clf"], "--input", tmp_path / "nope.png", "--output", tmp_path / "o"])
     assert e.value.code == 2
     assert "nope.png: no such file" in capsys.readouterr().err
+
+
+def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path):
+    """One checkpoint trained with mirror-image TTA and EMA: tools/predict.py and `vitmha predict` write the
+    same probabilities, and `vitmha test`'s report equals the metric it logs."""
+    import csv
+    import json
+
+    from vitmha.cli import cli_main
+
+    root = make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    common = ["--model", "vitmha.tasks.ImageClassifier", "--model.init_args.backbone_kwargs", json.dumps(CLF_BACKBONE),
+              "--model.init_args.tta_hflip", "true", "--model.init_args.ema_decay", "0.9",
+              "--model.init_args.warmup_epochs", "0", "--model.init_args.lr", "0.003",
+              "--data", "vitmha.data.ImageFolderDataModule", "--data.init_args.root", str(root),
+              "--data.init_args.image_size", "16", "--data.init_args.batch_size", "4",
+              "--data.init_args.mean", json.dumps(MEAN), "--data.init_args.std", json.dumps(STD),
+              "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false"]
+    cli_main(["fit", *common, "--trainer.max_epochs", "2"])
+    last = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    files = sorted(str(p) for p in (root / "test").rglob("*.png"))
+
+    cli_main(["predict", *common, "--ckpt_path", str(last), "--output_dir", str(tmp_path / "cli"),
+              "--data.init_args.predict_paths", json.dumps(files)])
+    predict.main(["--checkpoint", last, "--input", *files, "--output", tmp_path / "tool", "--no-progress"])
+
+    def probs(path):
+        return {r["path"]: {r[f"label{i}"]: float(r[f"prob{i}"]) for i in (1, 2, 3)}
+                for r in csv.DictReader(open(path))}
+
+    a, b = probs(tmp_path / "cli" / "predictions.csv"), probs(tmp_path / "tool" / "predictions.csv")
+    assert set(a) == set(b) == set(files)
+    for f in files:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert abs(a[f][k] - b[f][k]) <= 2e-6, (f, k)
+
+    cli_main(["test", *common, "--ckpt_path", str(last)])
+    test_dir = next(run.glob("lightning_logs/version_*/report_test")).parent
+    logged = {k: float(v) for r in csv.DictReader(open(test_dir / "metrics.csv")) for k, v in r.items()
+              if k.startswith("test/") and v}
+    summary = json.loads((test_dir / "report_test" / "summary.json").read_text())["metrics"]
+    for name in ("test/acc", "test/f1", "test/precision", "test/recall"):
+        assert summary[name] == pytest.approx(logged[name], abs=1e-7), name

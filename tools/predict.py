@@ -65,10 +65,10 @@ def _progress(total: int, disable: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
-def predict_classification(model, num_classes: int, pre: Preprocess, files: List[str], args,
+def predict_classification(probs_fn, num_classes: int, pre: Preprocess, files: List[str], args,
                            device: torch.device) -> Path:
-    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK) from ``model(x)`` logits; returns
-    its path."""
+    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK) from ``probs_fn(x)`` (B, C)
+    probabilities; returns its path."""
     transform = eval_transform(pre, "classification")
     k = max(1, min(args.topk, int(num_classes)))
     names = pre.classes or [str(i) for i in range(int(num_classes))]
@@ -80,7 +80,7 @@ def predict_classification(model, num_classes: int, pre: Preprocess, files: List
         for chunk in batched(files, args.batch_size):
             x = torch.stack([transform(image=read_image(p))["image"] for p in chunk]).to(device)
             with torch.no_grad():
-                probs = model(x).float().softmax(-1).cpu()
+                probs = probs_fn(x).float().cpu()
             top_p, top_i = probs.topk(k, dim=-1)
             for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
                 row = [path]
@@ -164,6 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
     if args.backbone is None and (args.pretrained is not None or args.backbone_kwargs is not None):
         raise ToolError("--pretrained and --backbone-kwargs go with --backbone (a checkpoint holds its own weights)")
+    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
     files = collect_inputs(args.input)
     device = resolve_device(args.device)
     if args.backbone:
@@ -172,10 +173,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not getattr(bb, "num_classes", 0):
             raise ToolError(f"{args.backbone}: this backbone has no classifier head (num_classes=0) to predict with")
         os.makedirs(args.output, exist_ok=True)
-        out = predict_classification(bb.to(device), bb.num_classes, pre, files, args, device)
+        bb = bb.to(device)
+        out = predict_classification(lambda x: bb(x).softmax(-1), bb.num_classes, pre, files, args, device)
         print(f"wrote {out} ({len(files)} images)")
         return
-    ckpt = read_checkpoint(args.checkpoint)
     task = load_task(args.checkpoint, ckpt=ckpt).to(device)
     pre = preprocess_config(task, ckpt)
     os.makedirs(args.output, exist_ok=True)
@@ -183,7 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         masks = predict_segmentation(task, pre, files, args, device)
         print(f"wrote {len(masks)} masks and overlays to {args.output}")
     else:
-        out = predict_classification(task, int(task.hparams.num_classes), pre, files, args, device)
+        # the task's own evaluation (EMA weights, mirror-image TTA): the probabilities `vitmha predict` writes
+        out = predict_classification(lambda x: task.eval_log_probs(x).exp(), int(task.hparams.num_classes), pre,
+                                     files, args, device)
         print(f"wrote {out} ({len(files)} images)")
 
 

@@ -18,7 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class ClassificationReport:
         return self
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """``logits`` (B, C) as the task's forward returns them, ``target`` (B,) class indices."""
+        """``logits`` (B, C) logits or log-probabilities as the task's eval step returns them, ``target`` (B,)."""
         logits = logits.detach().float()
         target = target.detach().long()
         self.metrics.update(logits, target)
@@ -243,8 +243,8 @@ def _batch_xy(batch: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor
 class EvaluationReport(Callback):
     """Writes the evaluation report of :mod:`vitmha.reports` at the end of a test (or validation) epoch.
 
-    The logits are those the task computed in its ``test_step`` (captured, not recomputed), so the report's
-    numbers are the logged ones. Add it to a Trainer, or to the CLI:
+    The logits are the ones the task's ``test_step``/``validation_step`` returned (the task's own evaluation,
+    TTA and sliding windows included; never recomputed), so the report's numbers are the logged ones. Add it to a Trainer, or to the CLI:
     ``trainer: {callbacks: [{class_path: vitmha.reports.EvaluationReport}]}``.
 
     Args:
@@ -270,8 +270,6 @@ class EvaluationReport(Callback):
         self.report: Any = None
         self.files: Dict[str, Path] = {}
         self.result: Optional[Dict[str, Any]] = None
-        self._captured: List[torch.Tensor] = []
-        self._restore: Optional[Callable[[], None]] = None
 
     # ---------------------------------------------------------------- setup per epoch
     def _names(self, trainer: Any, pl_module: Any) -> Optional[List[str]]:
@@ -294,7 +292,6 @@ class EvaluationReport(Callback):
         return cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
 
     def _start(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop_capture()
         self.report = None
         if stage not in self.stages or trainer.sanity_checking:
             return
@@ -309,51 +306,17 @@ class EvaluationReport(Callback):
         else:
             self.report = ClassificationReport(k, names, prefix)
         self.report.to(pl_module.device)
-        self._start_capture(pl_module)
-
-    def _start_capture(self, pl_module: Any) -> None:
-        """Record the logits the task computes in its eval step (``predict_logits`` for a segmenter, else
-        the forward of ``inference_model``)."""
-        self._captured = []
-        if _is_segmenter(pl_module) and callable(getattr(pl_module, "predict_logits", None)):
-            original = pl_module.predict_logits
-
-            def predict_logits(*args: Any, **kwargs: Any) -> torch.Tensor:
-                out = original(*args, **kwargs)
-                self._captured.append(out.detach())
-                return out
-
-            pl_module.predict_logits = predict_logits  # instance attribute shadows the method
-            self._restore = lambda: pl_module.__dict__.pop("predict_logits", None)
-        else:
-            module = getattr(pl_module, "inference_model", pl_module)
-            handle = module.register_forward_hook(lambda m, i, o: self._captured.append(o.detach()))
-            self._restore = handle.remove
-
-    def _stop_capture(self) -> None:
-        if self._restore is not None:
-            self._restore()
-            self._restore = None
-        self._captured = []
 
     # ---------------------------------------------------------------- per batch
-    def _batch(self, pl_module: Any, batch: Any) -> None:
+    def _batch(self, outputs: Any, batch: Any) -> None:
+        """Update the report with the logits the task's eval step returned (``{"loss", "logits"}``)."""
         if self.report is None:
             return
         x, y = _batch_xy(batch)
-        captured, self._captured = self._captured, []
-        if y is None:
-            return
-        logits = None
-        if captured and sum(c.shape[0] for c in captured) == y.shape[0]:
-            logits = torch.cat(captured) if len(captured) > 1 else captured[0]
-        elif x is not None:  # the task did not go through the captured call: recompute
-            with torch.no_grad():
-                fn = pl_module.predict_logits if _is_segmenter(pl_module) and hasattr(pl_module, "predict_logits") \
-                    else pl_module
-                logits = fn(x)
-        if logits is None:
-            return
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        if y is None or logits is None:
+            raise ValueError("EvaluationReport needs eval steps that return {'loss', 'logits'} and batches with "
+                             "targets, as vitmha's tasks and data modules give")
         if isinstance(self.report, SegmentationReport):
             self.report.update(logits, y, x)
         else:
@@ -367,7 +330,6 @@ class EvaluationReport(Callback):
         return os.path.join(base, f"report_{stage}")
 
     def _finish(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop_capture()
         if self.report is None:
             return
         self.result = self.report.compute()  # every rank: the metrics sync across processes
@@ -383,11 +345,11 @@ class EvaluationReport(Callback):
 
     def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                                 dataloader_idx: int = 0) -> None:
-        self._batch(pl_module, batch)
+        self._batch(outputs, batch)
 
     def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                           dataloader_idx: int = 0) -> None:
-        self._batch(pl_module, batch)
+        self._batch(outputs, batch)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish(trainer, pl_module, "validate")
@@ -395,5 +357,3 @@ class EvaluationReport(Callback):
     def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish(trainer, pl_module, "test")
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop_capture()

@@ -138,7 +138,7 @@ class ImageClassifier(BackboneTask):
         self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
-    def _eval_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+    def eval_log_probs(self, x: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the inference model; with ``tta_hflip`` the log of the mean softmax over the image
         and its mirror image."""
         logp = self.inference_model(x).float().log_softmax(dim=-1)
@@ -147,9 +147,11 @@ class ImageClassifier(BackboneTask):
             logp = torch.logaddexp(logp, flipped) - math.log(2.0)
         return logp
 
-    def _eval_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _eval_step(self, batch: Any, stage: str) -> Dict[str, torch.Tensor]:
+        """``{"loss", "logits"}``: the (B, C) log-probabilities the metrics were updated with, for callbacks
+        (the evaluation report) to read rather than recompute."""
         x, y = batch
-        logits = self._eval_log_probs(x)  # normalised logits: same argmax, top-k and softmax
+        logits = self.eval_log_probs(x)  # normalised logits: same argmax, top-k and softmax
         loss = F.nll_loss(logits, y)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(logits, y)
@@ -158,12 +160,12 @@ class ImageClassifier(BackboneTask):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=(stage == "val"))
         if stage == "test":
             self.test_confusion_metric.update(logits, y)
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         return self._eval_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         return self._eval_step(batch, "test")
 
     def on_test_epoch_start(self) -> None:
@@ -181,5 +183,5 @@ class ImageClassifier(BackboneTask):
             x, paths = batch[0], None
         else:
             x, paths = batch, None
-        probs = self._eval_log_probs(x).exp()
+        probs = self.eval_log_probs(x).exp()
         return {"path": paths, "probs": probs, "pred": probs.argmax(dim=-1)}

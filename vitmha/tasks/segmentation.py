@@ -239,13 +239,14 @@ class SemanticSegmenter(BackboneTask):
         self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
-    def _eval_step(self, batch: Any, confusion: MulticlassConfusionMatrix, stage: str) -> torch.Tensor:
+    def _eval_step(self, batch: Any, confusion: MulticlassConfusionMatrix, stage: str) -> Dict[str, torch.Tensor]:
+        """``{"loss", "logits"}``: the (B, K, H, W) logits the metrics were computed from, for callbacks."""
         x, y = batch
         logits = self.predict_logits(x)
         loss = self.loss(logits, y)
         confusion.update(logits.argmax(1), y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
-        return loss
+        return {"loss": loss, "logits": logits.detach()}
 
     def _log_scores(self, confusion: MulticlassConfusionMatrix, stage: str) -> None:
         scores = segmentation_scores(confusion.compute())  # compute() syncs the matrix across devices
@@ -256,13 +257,13 @@ class SemanticSegmenter(BackboneTask):
         for key, v in zip(self.class_keys, scores["iou"].float()):
             self.log(f"{stage}/iou_{key}", v)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         return self._eval_step(batch, self.val_confmat, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_confmat, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
         return self._eval_step(batch, self.test_confmat, "test")
 
     def on_test_epoch_end(self) -> None:
