@@ -113,7 +113,7 @@ def test_missing_input_exits_2_naming_it(ckpts, tmp_path, capsys):
     assert "nope.png: no such file" in capsys.readouterr().err
 
 
-def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path):
+def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path, capsys):
     """One checkpoint trained with mirror-image TTA and EMA: tools/predict.py and `vitmha predict` write the
     same probabilities, and `vitmha test`'s report equals the metric it logs."""
     import csv
@@ -132,6 +132,9 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path):
               "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false"]
     cli_main(["fit", *common, "--trainer.max_epochs", "2"])
     last = run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    summary_lines = capsys.readouterr().out  # the run ends with what the user needs next
+    assert "val/acc: best" in summary_lines and "next: vitmha test --config" in summary_lines
+    assert f"--ckpt_path {last}" in summary_lines
     files = sorted(str(p) for p in (root / "test").rglob("*.png"))
 
     cli_main(["predict", *common, "--ckpt_path", str(last), "--output_dir", str(tmp_path / "cli"),
@@ -156,3 +159,4 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path):
     summary = json.loads((test_dir / "report_test" / "summary.json").read_text())["metrics"]
     for name in ("test/acc", "test/f1", "test/precision", "test/recall"):
         assert summary[name] == pytest.approx(logged[name], abs=1e-7), name
+    assert "report: " + str(test_dir / "report_test") in capsys.readouterr().out

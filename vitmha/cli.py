@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any, NoReturn, Optional
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -188,6 +189,76 @@ class VitmhaCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins) and "plugins" not in kwargs:
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
+
+
+    # ------------------------------------------------------------------------------------- summaries
+    def before_fit(self) -> None:
+        self._t0 = time.time()
+
+    before_test = before_validate = before_fit
+
+    def after_fit(self) -> None:
+        """One short summary instead of Lightning's last line: metric, time, files, the next command."""
+        tr = self.trainer
+        if not tr.is_global_zero:
+            return
+        monitor, mode = default_monitor(self.model)
+        lines = [f"fit done in {_duration(time.time() - self._t0)}, {tr.current_epoch} epoch(s)"]
+        history = _metric_history(tr.log_dir, monitor)
+        if history:
+            pick = max if mode == "max" else min
+            best = pick(history, key=lambda h: h[1])
+            lines.append(f"  {monitor}: best {best[1]:.4f} (epoch {best[0]}), last {history[-1][1]:.4f} "
+                         f"(epoch {history[-1][0]})")
+        ckpt = tr.checkpoint_callback
+        if ckpt is not None and ckpt.best_model_path:
+            lines.append(f"  best checkpoint: {ckpt.best_model_path}")
+        last = os.path.join(ckpt.dirpath, "last.ckpt") if ckpt is not None and ckpt.dirpath else None
+        if last and os.path.isfile(last):
+            lines.append(f"  last checkpoint: {last}")
+        for name in ("metrics.csv", "config.yaml"):
+            if tr.log_dir and os.path.isfile(os.path.join(tr.log_dir, name)):
+                lines.append(f"  {name}: {os.path.join(tr.log_dir, name)}")
+        if last and os.path.isfile(last):
+            cfg = os.path.join(tr.log_dir, "config.yaml") if tr.log_dir else "X.yaml"
+            lines.append(f"  next: vitmha test --config {cfg} --ckpt_path {last}")
+        print("\n".join(lines), flush=True)
+
+    def _after_eval(self, stage: str) -> None:
+        tr = self.trainer
+        if not tr.is_global_zero:
+            return
+        prefix = "test/" if stage == "test" else "val/"
+        metrics = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith(prefix) and v.numel() == 1}
+        lines = [f"{stage} done in {_duration(time.time() - self._t0)}"]
+        lines += [f"  {k}: {v:.4f}" for k, v in sorted(metrics.items())]
+        report = next((c for c in tr.callbacks if type(c).__name__ == "EvaluationReport"), None)
+        if report is not None and getattr(report, "files", None):
+            folder = os.path.dirname(str(next(iter(report.files.values()))))
+            lines.append(f"  report: {folder}")
+        print("\n".join(lines), flush=True)
+
+    def after_test(self) -> None:
+        self._after_eval("test")
+
+    def after_validate(self) -> None:
+        self._after_eval("validate")
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def _metric_history(log_dir: Optional[str], name: str) -> list:
+    """[(epoch, value)] of ``name`` from the run's metrics.csv (empty when there is none)."""
+    import csv
+
+    path = os.path.join(log_dir, "metrics.csv") if log_dir else ""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r.get(name)]
 
 
 def _progress_bar() -> ProgressBar:
