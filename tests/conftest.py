@@ -12,6 +12,28 @@ REAL_WEIGHTS = Path(os.environ.get("VITMHA_REAL_WEIGHTS")
                     or REPO.parent / "shared" / "weights" / f"{REAL_NAME}.safetensors")
 
 
+def require_dataset(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with a dataset that is not installed turned into a skip naming the install
+    command; under ``VITMHA_REQUIRE_DATA=1`` (CI, which installs the data) the error is raised instead."""
+    from vitmha.data import DatasetNotInstalledError
+
+    try:
+        return fn(*args, **kwargs)
+    except DatasetNotInstalledError as e:
+        if os.environ.get("VITMHA_REQUIRE_DATA", "") not in ("", "0"):
+            raise
+        pytest.skip(f"{e.name} not installed: {e.install}")
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """A tiny classifier (colour ImageFolder) and segmenter (synthetic shapes), each fitted one epoch and
+    saved as a Lightning checkpoint; paths by name ("clf", "seg", "clf_root", "seg_root")."""
+    from tests.helpers import build_checkpoints
+
+    return build_checkpoints(tmp_path_factory.mktemp("tool_ckpts"))
+
+
 @pytest.fixture(scope="session")
 def real_weights() -> Path:
     """timm's real ImageNet ViT-Ti/16 (AugReg) as a .safetensors file. Skips when it is absent, except in CI

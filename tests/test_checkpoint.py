@@ -13,7 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.test_cli import classifier_args, run_dirs
+from tests.helpers import classifier_args, run_dirs
 from vitmha.callbacks import AtomicCheckpointIO
 from vitmha.cli import cli_main
 

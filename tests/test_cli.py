@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,38 +13,11 @@ from lightning.pytorch.callbacks import Callback
 
 from vitmha.cli import cli_main
 
+from tests.helpers import TINY_SEG_VIT, TINY_VIT, classifier_args, run_dirs  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 
 # a 4k-parameter ViT on 8x8 digits: every command below runs in a few seconds
-TINY_VIT = json.dumps({"img_size": 8, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2})
-TINY_SEG_VIT = json.dumps({"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2})
-
-
-def classifier_args(root: Path, *extra: str) -> list[str]:
-    return [
-        "--seed_everything", "0",
-        "--model", "vitmha.tasks.ImageClassifier",
-        "--model.init_args.backbone_kwargs", TINY_VIT,
-        "--model.init_args.warmup_epochs", "0",
-        "--data", "vitmha.data.DigitsDataModule",
-        "--data.init_args.image_size", "8",
-        "--data.init_args.batch_size", "32",
-        "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.limit_train_batches", "3",
-        "--trainer.limit_val_batches", "2",
-        "--trainer.limit_test_batches", "2",
-        "--trainer.limit_predict_batches", "1",
-        "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_model_summary", "false",
-        *extra,
-    ]
-
-
-def run_dirs(root: Path) -> list[Path]:
-    return sorted((root / "lightning_logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
-
 def metric_columns(run: Path) -> set[str]:
     with open(run / "metrics.csv") as f:
         return set(next(csv.reader(f)))

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from vitmha.data import (DataValidationError, DatasetNotInstalledError, FashionMNISTDataModule, MNIST5kDataModule,
-                         NucleiDataModule, read_idx, require_dataset)
+                         NucleiDataModule, read_idx)
+
+from tests.conftest import require_dataset
 from vitmha.data.realdata import load_fashion_mnist
 
 

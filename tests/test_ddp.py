@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from tests.test_cli import classifier_args, run_dirs
+from tests.helpers import classifier_args, run_dirs
 from vitmha.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]

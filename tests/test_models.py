@@ -12,6 +12,8 @@ from torch import nn
 import vitmha
 from vitmha.models import Attention, explicit_attention, resample_patch_embed, resample_pos_embed
 
+from tests.helpers import randomize, rel_err
+
 # (arch, overrides): one per family feature; shrunk so the whole list runs in seconds on a CPU
 SMALL = dict(embed_dim=64, num_heads=4, depth=2)
 PARITY_CASES = [
@@ -33,19 +35,6 @@ PARITY_CASES = [
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64, class_token=False, global_pool="avg")),
     ("vit_tiny_patch16_224", dict(depth=2, img_size=64, global_pool="avgmax", num_classes=0)),
 ]
-
-
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Perturb every parameter (timm zero-inits heads, biases and layer scales, which would hide bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
 
 
 def timm_and_ours(arch: str, **kw):

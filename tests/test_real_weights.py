@@ -108,7 +108,7 @@ def test_cli_takes_mean_std_from_the_pretrained_config(offline_hub, tmp_path):
 
 
 def test_zero_shot_predict_names_the_imagenet_classes(offline_hub, tmp_path):
-    from tests.test_tools_common import load_tool
+    from tests.helpers import load_tool
 
     predict = load_tool("predict")
     out = tmp_path / "preds"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.test_cli import classifier_args, run_dirs
+from tests.helpers import classifier_args, run_dirs
 from vitmha.cli import cli_main
 
 

@@ -1,7 +1,6 @@
 """ImageClassifier: metrics, logging names, checkpoints, exact resume, EMA, freezing, non-finite loss."""
 import csv
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger

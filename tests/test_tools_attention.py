@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_tools_common import REPO, assert_real_png, ckpts, load_tool, run_tool  # noqa: F401
+from tests.helpers import REPO, assert_real_png, load_tool, run_tool  # noqa: F401
 from vitmha import VisionTransformer
 from vitmha.inference import load_task
 from vitmha.visualize import attention_maps, attention_rollout

@@ -10,7 +10,7 @@ import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.test_tools_common import CLF_CLASSES, MEAN, STD, assert_real_png, ckpts, load_tool  # noqa: F401
+from tests.helpers import CLF_CLASSES, MEAN, STD, assert_real_png, load_tool  # noqa: F401
 from vitmha.inference import load_task
 from vitmha.reports import EvaluationReport
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_tools_common import ckpts, load_tool  # noqa: F401
+from tests.helpers import load_tool  # noqa: F401
 from vitmha.inference import load_task
 
 export = load_tool("export")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_tools_common import (CLF_BACKBONE, CLF_CLASSES, MEAN, STD, assert_real_png, ckpts, load_tool,  # noqa: F401
+from tests.helpers import (CLF_BACKBONE, CLF_CLASSES, MEAN, STD, assert_real_png, load_tool,  # noqa: F401
                                      make_folder, run_tool)
 from vitmha.inference import load_task, normalize_only, preprocess_config, read_checkpoint
 
@@ -33,7 +33,7 @@ def test_classification_writes_one_row_per_image_with_topk(ckpts, tmp_path):
 
 def test_classification_probabilities_equal_the_task_on_the_data_modules_eval_batches(ckpts, tmp_path):
     from vitmha.data import ImageFolderDataModule
-    from tests.test_tools_common import MEAN, STD
+    from tests.helpers import MEAN, STD
 
     predict.main(["--checkpoint", ckpts["clf"], "--input", ckpts["clf_root"] / "val", "--output", tmp_path,
                   "--topk", "3", "--no-progress"])

@@ -2,7 +2,6 @@
 bad files that must fail clearly and run nothing."""
 from __future__ import annotations
 
-import os
 import pickle
 import warnings
 
@@ -14,7 +13,7 @@ import torch
 import vitmha
 from vitmha.models import WeightsError, save_timm_safetensors
 
-from tests.test_models import randomize, rel_err
+from tests.helpers import randomize, rel_err
 
 TINY = dict(depth=2, img_size=32)
 

@@ -1,7 +1,7 @@
 """Lightning data modules, albumentations pipelines and built-in datasets."""
 from vitmha.data.builtin import (DigitsDataModule, SyntheticShapesDataModule, export_digits_folder,
                                  export_shapes_folder)
-from vitmha.data.errors import DataValidationError, DatasetNotInstalledError, require_dataset
+from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
 from vitmha.data.folder import ImageFolderDataModule
 from vitmha.data.realdata import FashionMNISTDataModule, MNIST5kDataModule, NucleiDataModule, read_idx
 from vitmha.data.sampling import EpochSeededSampler
@@ -23,5 +23,4 @@ __all__ = [
     "build_transforms",
     "export_digits_folder",
     "export_shapes_folder",
-    "require_dataset",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,9 +20,8 @@ from torch.utils.data import Dataset
 
 from vitmha.data.base import BaseDataModule, collate_pairs
 from vitmha.data.sampling import Key, keyed_uniforms, sample_generator, seed_pipeline, split_key
-from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval
+from vitmha.data.transforms import TransformSpec, build_transforms, resolve_mean_std, segmentation_eval
 
-TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
 DIGIT_CLASSES = [str(i) for i in range(10)]
 SHAPE_CLASSES = ["background", "circle", "rectangle", "triangle"]
 

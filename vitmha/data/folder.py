@@ -9,10 +9,9 @@ from vitmha.data.base import BaseDataModule, ImageLabelDataset, PredictDataset, 
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (IMAGE_EXTENSIONS, check_image, expand_paths, is_hidden, is_image_file, list_dir,
                             parallel_map, raise_or_skip)
-from vitmha.data.transforms import build_transforms, classification_eval, classification_train, resolve_mean_std
+from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train, resolve_mean_std
 
 SPLITS = ("train", "val", "test")
-TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
 
 
 def _rel(path: str, root: str) -> str:

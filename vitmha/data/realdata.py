@@ -9,7 +9,7 @@ import gzip
 import importlib.util
 import os
 import struct
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,9 +20,8 @@ from vitmha.data.builtin import (InMemoryClassificationModule, _ArrayPredict, _T
                                  _TensorPredict)
 from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
 from vitmha.data.sampling import Key, sample_generator, seed_pipeline, split_key
-from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval
+from vitmha.data.transforms import TransformSpec, build_transforms, resolve_mean_std, segmentation_eval
 
-TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist (or pass root: a folder with the four IDX files)"
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

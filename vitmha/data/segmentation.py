@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -11,11 +11,10 @@ from vitmha.data.base import BaseDataModule, ImageMaskDataset, PredictDataset, a
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (check_image, expand_paths, image_size_of, list_dir, parallel_map, raise_or_skip,
                             read_mask)
-from vitmha.data.transforms import build_transforms, resolve_mean_std, segmentation_eval, segmentation_train
+from vitmha.data.transforms import TransformSpec, build_transforms, resolve_mean_std, segmentation_eval, segmentation_train
 
 SPLITS = ("train", "val", "test")
 SEG_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
 
 
 def check_pair(image: str, mask: str, num_classes: int, ignore_index: int, reduce_zero_label: bool,

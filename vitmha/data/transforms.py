@@ -17,7 +17,9 @@ from albumentations.pytorch import ToTensorV2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-TransformSpec = Union[List[Any], Dict[str, Any]]
+#: a pipeline from YAML: a list of albumentations transforms (class_path/init_args), albumentations' own
+#: serialised dict, or None for the data module's default
+TransformSpec = Optional[Union[List[Any], Dict[str, Any]]]
 # cv2's INTER_NEAREST samples at floor(x * scale), half a pixel off the centre-aligned INTER_LINEAR used for
 # images, so masks drift against their images when rescaled; INTER_NEAREST_EXACT is centre-aligned.
 MASK_INTERP = cv2.INTER_NEAREST_EXACT
@@ -188,7 +190,7 @@ def _contains(t, cls) -> bool:
 
 
 def build_transforms(
-    spec: Optional[TransformSpec],
+    spec: TransformSpec,
     default: Optional[A.Compose] = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
