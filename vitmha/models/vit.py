@@ -22,6 +22,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+#: timm's MLP variants by name: the feed-forward part of a block
+MLP_LAYERS = {
+    "mlp": Mlp,
+    "swiglu": SwiGLU,                                # separate gate and value projections
+    "swiglu_packed": partial(GluMlp, gate_last=False),  # one fc1 holding [value, gate]
+    "glu": partial(GluMlp, gate_last=False),
+    "glu_gate_last": partial(GluMlp, gate_last=True),
+}
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each with LayerScale and DropPath."""
 
@@ -44,11 +54,10 @@ class Block(nn.Module):
         proj_drop: float = 0.0,
         drop_path: float = 0.0,
         fused_attn: bool = True,
-        res_post_norm: bool = False,
     ) -> None:
         super().__init__()
-        # res-post-norm (Swin-V2 style, timm's ResPostBlock): x + norm(f(x)) instead of x + f(norm(x))
-        self.res_post_norm = res_post_norm
+        if mlp_layer not in MLP_LAYERS:
+            raise ValueError(f"unknown mlp_layer {mlp_layer!r}; expected one of {sorted(MLP_LAYERS)}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_norm=scale_attn_norm,
                               proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=proj_drop,
@@ -56,42 +65,44 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        mlp_norm = norm_layer(mlp_hidden_dim // 2 if mlp_layer.startswith("glu") or mlp_layer == "swiglu_packed"
-                              else mlp_hidden_dim) if scale_mlp_norm else None
-        mlp_args = dict(act=act_layer, bias=proj_bias, drop=proj_drop, norm=mlp_norm)
-        if mlp_layer == "mlp":
-            self.mlp = Mlp(dim, mlp_hidden_dim, **mlp_args)
-        elif mlp_layer == "swiglu":
-            self.mlp = SwiGLU(dim, mlp_hidden_dim, **mlp_args)
-        elif mlp_layer in ("swiglu_packed", "glu"):
-            self.mlp = GluMlp(dim, mlp_hidden_dim, gate_last=False, **mlp_args)
-        elif mlp_layer == "glu_gate_last":
-            self.mlp = GluMlp(dim, mlp_hidden_dim, gate_last=True, **mlp_args)
-        else:
-            raise ValueError(f"unknown mlp_layer {mlp_layer!r}; expected mlp, swiglu, swiglu_packed, glu, glu_gate_last")
+        glu = mlp_layer.startswith("glu") or mlp_layer == "swiglu_packed"   # the gated half is normed
+        mlp_norm = norm_layer(mlp_hidden_dim // 2 if glu else mlp_hidden_dim) if scale_mlp_norm else None
+        self.mlp = MLP_LAYERS[mlp_layer](dim, mlp_hidden_dim, act=act_layer, bias=proj_bias, drop=proj_drop,
+                                         norm=mlp_norm)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        if res_post_norm:
-            self.ls1 = self.ls2 = nn.Identity()        # init_values scale the norms instead
-            if init_values is not None:
-                nn.init.constant_(self.norm1.weight, init_values)
-                nn.init.constant_(self.norm2.weight, init_values)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.forward_with_attn(x, attn_mask, return_attn=False)[0]
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                          return_attn: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(output, attention probabilities (B, heads, N, N) or None)."""
-        if self.res_post_norm:
-            y = self.attn(x, attn_mask=attn_mask, return_attn=return_attn)
-            y, attn = y if return_attn else (y, None)
-            x = x + self.drop_path1(self.norm1(y))
-            return x + self.drop_path2(self.norm2(self.mlp(x))), attn
-        y = self.attn(self.norm1(x), attn_mask=attn_mask, return_attn=return_attn)
-        y, attn = y if return_attn else (y, None)
+    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(output, attention probabilities (B, heads, N, N)): the same block on the explicit attention path."""
+        y, attn = self.attn(self.norm1(x), attn_mask=attn_mask, return_attn=True)
         x = x + self.drop_path1(self.ls1(y))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), attn
+
+
+class ResPostBlock(Block):
+    """Res-post-norm block (Swin-V2 style, timm's ResPostBlock): x + norm(f(x)) instead of x + f(norm(x));
+    ``init_values`` initialises the norm scales instead of a LayerScale."""
+
+    def __init__(self, dim: int, num_heads: int, *, init_values: Optional[float] = None, **kwargs) -> None:
+        super().__init__(dim, num_heads, init_values=None, **kwargs)
+        if init_values is not None:
+            nn.init.constant_(self.norm1.weight, init_values)
+            nn.init.constant_(self.norm2.weight, init_values)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask)))
+        return x + self.drop_path2(self.norm2(self.mlp(x)))
+
+    def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+        y, attn = self.attn(x, attn_mask=attn_mask, return_attn=True)
+        x = x + self.drop_path1(self.norm1(y))
+        return x + self.drop_path2(self.norm2(self.mlp(x))), attn
 
 
 class VisionTransformer(nn.Module):
@@ -233,12 +244,12 @@ class VisionTransformer(nn.Module):
 
         hidden = mlp_hidden(embed_dim, mlp_ratio)
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+        block = ResPostBlock if res_post_norm else Block
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_hidden_dim=hidden, mlp_layer=mlp_layer, act_layer=act_layer,
+            block(embed_dim, num_heads, mlp_hidden_dim=hidden, mlp_layer=mlp_layer, act_layer=act_layer,
                   norm_layer=norm, qkv_bias=qkv_bias, qk_norm=qk_norm, scale_attn_norm=scale_attn_norm,
                   scale_mlp_norm=scale_mlp_norm, proj_bias=proj_bias, init_values=init_values,
-                  attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn,
-                  res_post_norm=res_post_norm)
+                  attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn)
             for i in range(depth)])
         self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         if global_pool == "map":
@@ -349,14 +360,28 @@ class VisionTransformer(nn.Module):
         H, W = x.shape[-2:]
         return (-(-H // ph), -(-W // pw)) if self.patch_embed.dynamic_pad else (H // ph, W // pw)
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
-        x = self._embed(x)
-        for blk in self.blocks:
+    def _run_blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, take: Sequence[int] = (),
+                    last: Optional[int] = None, attention: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The one block loop: embedded tokens through blocks 0..``last`` (default all). Returns the last
+        block's output and, for the blocks in ``take``, their outputs, or with ``attention`` their attention
+        probabilities (those blocks then run the explicit attention path)."""
+        out = []
+        for i, blk in enumerate(self.blocks[:len(self.blocks) if last is None else last + 1]):
+            if attention and i in take:
+                x, attn = blk.forward_with_attn(x, attn_mask)
+                out.append(attn)
+                continue
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, attn_mask, use_reentrant=False)
             else:
                 x = blk(x, attn_mask)
+            if i in take:
+                out.append(x)
+        return x, out
+
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
+        x, _ = self._run_blocks(self._embed(x), attn_mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -408,6 +433,7 @@ class VisionTransformer(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
     ):
         """Outputs of chosen blocks, as (B, D, h, w) maps ('NCHW') or (B, N, D) tokens ('NLC').
 
@@ -420,16 +446,9 @@ class VisionTransformer(nn.Module):
         take = self._resolve_indices(indices)
         h, w = self._grid(x)
         B = x.shape[0]
-        x = self._embed(x)
-        last = max(take) if (stop_early or intermediates_only) else len(self.blocks) - 1
-        feats = []
-        for i, blk in enumerate(self.blocks[:last + 1]):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-            if i in take:
-                feats.append(self.norm(x) if norm else x)
+        last = max(take) if (stop_early or intermediates_only) else None
+        x, feats = self._run_blocks(self._embed(x), attn_mask, take, last)
+        feats = [self.norm(f) for f in feats] if norm else feats
         prefix = [f[:, :self.num_prefix_tokens] for f in feats]
         feats = [f[:, self.num_prefix_tokens:] for f in feats]
         if output_fmt == "NCHW":
@@ -441,19 +460,12 @@ class VisionTransformer(nn.Module):
         return self.norm(x), feats
 
     @torch.no_grad()
-    def forward_attention(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None
-                          ) -> List[torch.Tensor]:
+    def forward_attention(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                          attn_mask: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         """Attention probabilities (B, heads, N, N) of the chosen blocks, N including prefix tokens.
 
         Runs this same model, taking the explicit attention path only in the chosen blocks.
         """
         take = self._resolve_indices([-1] if indices is None else indices)
-        x = self._embed(x)
-        maps = []
-        for i, blk in enumerate(self.blocks[:max(take) + 1]):
-            if i in take:
-                x, attn = blk.forward_with_attn(x)
-                maps.append(attn)
-            else:
-                x = blk(x)
+        _, maps = self._run_blocks(self._embed(x), attn_mask, take, max(take), attention=True)
         return maps
