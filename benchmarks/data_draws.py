@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Augmentation draws of the in-memory grey datasets: one numpy generator per image vs one keyed SplitMix64
-hash per batch (``batch_draws``, what Fashion-MNIST and MNIST-5k use).
+"""Augmentation draws of the in-memory grey datasets: one numpy generator per image (the earlier way, kept
+here as the reference) vs one keyed SplitMix64 hash per batch (what every in-memory data module uses).
 
 Both build the same Fashion-MNIST train batches (same keys, same warp and normalisation); they alternate in
 one process and the table gives milliseconds per batch (median over rounds) and the ratio.
@@ -18,6 +18,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def per_image_generators(ds):
+    """The same dataset drawing each image's augmentation from its own numpy generator."""
+    import numpy as np
+
+    from vitmha.data.sampling import sample_generator
+
+    class PerImage(type(ds)):
+        def _params(self, idx, epochs):
+            return np.stack([sample_generator(self.seed, e, i).uniform(-1, 1, 5) for i, e in zip(idx, epochs)])
+
+    clone = PerImage.__new__(PerImage)
+    clone.__dict__.update(ds.__dict__)
+    return clone
+
+
 def main(argv=None) -> int:
     from vitmha.data import FashionMNISTDataModule
 
@@ -28,15 +43,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dm = FashionMNISTDataModule(max_shift=0.036, scale=(1.0, 1.0))
     dm.setup()
-    ds = dm.datasets["train"]
+    variants = {False: per_image_generators(dm.datasets["train"]), True: dm.datasets["train"]}
     keys = [[(i * args.batch_size + j, 0) for j in range(args.batch_size)] for i in range(args.batches)]
     times = {False: [], True: []}
     for _ in range(args.rounds):
         for mode in (False, True):
-            ds.batch_draws = mode
             t = time.perf_counter()
             for k in keys:
-                ds.__getitems__(k)
+                variants[mode].__getitems__(k)
             times[mode].append((time.perf_counter() - t) / args.batches * 1e3)
     per_image, batch = statistics.median(times[False]), statistics.median(times[True])
     print(f"Fashion-MNIST train batches of {args.batch_size}, {args.batches} batches x {args.rounds} rounds")

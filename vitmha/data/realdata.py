@@ -106,8 +106,7 @@ class _ClassificationArrays(InMemoryClassificationModule):
             train = split == "train"
             self.datasets[split] = _TensorClassification(
                 x, y, self.mean, self.std, augment=train and self.augment, max_rotate=self.max_rotate,
-                max_shift=self.max_shift, scale=self.scale, image_size=self.image_size, hflip=self.hflip,
-                batch_draws=True)  # one keyed hash per batch: 60,000 images per epoch
+                max_shift=self.max_shift, scale=self.scale, image_size=self.image_size, hflip=self.hflip)
         tx = splits["test"][0]
         self.datasets["predict"] = _TensorPredict(self.datasets["test"], [f"{name}/test/{i:05d}" for i in range(len(tx))],
                                                   tuple(tx.shape[1:]))
