@@ -6,7 +6,7 @@ import torch
 
 from vitmha.data import (DigitsDataModule, ImageFolderDataModule, SegmentationFolderDataModule,
                          SyntheticShapesDataModule, export_digits_folder, export_shapes_folder)
-from vitmha.data.builtin import generate_shapes, load_digits_split
+from vitmha.data.sources import generate_shapes, load_digits_split
 
 
 def test_digits_split_is_stratified_80_20_and_fixed():

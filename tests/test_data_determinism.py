@@ -103,7 +103,7 @@ def test_keyed_uniforms_depend_only_on_seed_epoch_and_index():
 
 
 def test_in_memory_train_batches_do_not_depend_on_batch_composition():
-    from vitmha.data.builtin import _TensorClassification
+    from vitmha.data.datasets import _TensorClassification
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)

@@ -11,7 +11,7 @@ from vitmha.data import (DataValidationError, DatasetNotInstalledError, FashionM
                          NucleiDataModule, read_idx)
 
 from tests.conftest import require_dataset
-from vitmha.data.realdata import load_fashion_mnist
+from vitmha.data.sources import load_fashion_mnist
 
 
 def write_idx(path, array, magic):

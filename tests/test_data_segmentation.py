@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vitmha.data import DataValidationError, SegmentationFolderDataModule
-from vitmha.data.base import remap_mask
+from vitmha.data.datasets import remap_mask
 
 # colour of each class: the image is its mask painted, so alignment can be checked after augmentation
 PALETTE = np.array([[0, 0, 0], [250, 0, 0], [0, 250, 0], [0, 0, 250]], np.uint8)

@@ -148,7 +148,7 @@ def _class_names(task: nn.Module, dm: Dict[str, Any], k: int) -> Optional[List[s
     if not names and cp.endswith("DigitsDataModule"):
         names = [str(i) for i in range(10)]
     if not names and cp.endswith("SyntheticShapesDataModule"):
-        from vitmha.data.builtin import SHAPE_CLASSES
+        from vitmha.data.sources import SHAPE_CLASSES
 
         names = list(SHAPE_CLASSES)
     if not names and dm.get("root") and not dm.get("csv"):  # ImageFolder: the sorted class folders under train/

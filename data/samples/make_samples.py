@@ -23,7 +23,7 @@ def photos(skimage_data: str) -> None:
 
 
 def digits() -> None:
-    from vitmha.data.builtin import load_digits_split
+    from vitmha.data.sources import load_digits_split
 
     x, y, _, va = load_digits_split(32)
     seen = set()
@@ -37,7 +37,7 @@ def digits() -> None:
 
 
 def shapes() -> None:
-    from vitmha.data.builtin import generate_shapes
+    from vitmha.data.sources import generate_shapes
 
     images, masks = generate_shapes(2, image_size=64, seed=0, stream=1)
     for i in range(2):

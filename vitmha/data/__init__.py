@@ -1,11 +1,11 @@
 """Lightning data modules, albumentations pipelines and built-in datasets."""
-from vitmha.data.builtin import (DigitsDataModule, SyntheticShapesDataModule, export_digits_folder,
-                                 export_shapes_folder)
+from vitmha.data.builtin import DigitsDataModule, SyntheticShapesDataModule
 from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
 from vitmha.data.folder import ImageFolderDataModule
-from vitmha.data.realdata import FashionMNISTDataModule, MNIST5kDataModule, NucleiDataModule, read_idx
+from vitmha.data.realdata import FashionMNISTDataModule, MNIST5kDataModule, NucleiDataModule
 from vitmha.data.sampling import EpochSeededSampler
 from vitmha.data.segmentation import SegmentationFolderDataModule
+from vitmha.data.sources import export_digits_folder, export_shapes_folder, read_idx
 from vitmha.data.transforms import build_transforms
 
 __all__ = [

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import csv as csvlib
 import os
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
-from vitmha.data.base import BaseDataModule, ImageLabelDataset, PredictDataset, abspath
+from vitmha.data.base import BaseDataModule, abspath
+from vitmha.data.datasets import ImageLabelDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (IMAGE_EXTENSIONS, check_image, expand_paths, is_hidden, is_image_file, list_dir,
                             parallel_map, raise_or_skip)
-from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train, resolve_mean_std
+from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train
 
 SPLITS = ("train", "val", "test")
 
@@ -92,16 +93,13 @@ class ImageFolderDataModule(BaseDataModule):
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self.root = abspath(root)
         self.image_size = int(image_size)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
+        self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
         self.train_spec, self.val_spec = train_transforms, val_transforms
-        self.mean, self.std = resolve_mean_std(mean, std, backbone)
         self.hflip, self.scale, self.crop_pct = hflip, tuple(scale), crop_pct
-        self.seed = seed
         self.skip_bad_files, self.check_files = skip_bad_files, check_files
         self.predict_paths = predict_paths
         self.csv_files = self._csv_files(csv)
-        self.datasets: Dict[str, Any] = {}
         self._items: Optional[Dict[str, List[Tuple[str, int]]]] = None
         # transforms are built now so that a bad spec fails at instantiation, with the config at hand
         self.train_transform = build_transforms(

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
-from vitmha.data.base import BaseDataModule, ImageMaskDataset, PredictDataset, abspath
+from vitmha.data.base import BaseDataModule, abspath
+from vitmha.data.datasets import ImageMaskDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (check_image, expand_paths, image_size_of, list_dir, parallel_map, raise_or_skip,
                             read_mask)
-from vitmha.data.transforms import TransformSpec, build_transforms, resolve_mean_std, segmentation_eval, segmentation_train
+from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval, segmentation_train
 
 SPLITS = ("train", "val", "test")
 SEG_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -121,11 +122,9 @@ class SegmentationFolderDataModule(BaseDataModule):
         self.num_classes = int(num_classes)
         self.classes: List[str] = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
         self.image_size = int(image_size)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.pin_memory, self.persistent_workers = pin_memory, persistent_workers
         self.ignore_index, self.reduce_zero_label = int(ignore_index), reduce_zero_label
-        self.mean, self.std = resolve_mean_std(mean, std, backbone)
-        self.seed = seed
+        self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
         self.skip_bad_files, self.check_files = skip_bad_files, check_files
         self.predict_paths = predict_paths
         self.train_transform = build_transforms(
@@ -135,7 +134,6 @@ class SegmentationFolderDataModule(BaseDataModule):
         self.val_transform = build_transforms(
             val_transforms, segmentation_eval(self.image_size, self.mean, self.std),
             self.mean, self.std, "val_transforms")
-        self.datasets: Dict[str, Any] = {}
         self._items: Optional[Dict[str, List[Tuple[str, str]]]] = None
 
     def _list_split(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, str]]:
