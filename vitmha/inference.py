@@ -231,13 +231,11 @@ def pretrained_backbone(name: str, pretrained: Any = True,
     pretrained config: timm's eval transform (shorter side to size / crop_pct, centre crop, bicubic) with the
     config's mean/std, and ImageNet class names when the head is an ImageNet classifier."""
     from vitmha.models import create_backbone
-
-    bb = create_backbone(name, pretrained=parse_pretrained(pretrained), **(backbone_kwargs or {})).eval()
-    cfg = getattr(bb, "pretrained_cfg", {}) or {}
     from vitmha.models.config import pretrained_cfg
 
-    full = pretrained_cfg(name)
-    classes = imagenet_class_names(full, int(getattr(bb, "num_classes", 0) or 0))
+    bb = create_backbone(name, pretrained=parse_pretrained(pretrained), **(backbone_kwargs or {})).eval()
+    cfg = bb.pretrained_cfg  # the subset vitmha keeps: mean, std, crop_pct, input size, ...
+    classes = imagenet_class_names(pretrained_cfg(name), int(getattr(bb, "num_classes", 0) or 0))
     return bb, Preprocess(image_size=_backbone_image_size(bb), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
                           crop_pct=cfg.get("crop_pct"), classes=classes, source="backbone")
 
