@@ -200,11 +200,12 @@ class VitmhaCLI(LightningCLI):
     def after_fit(self) -> None:
         """One short summary instead of Lightning's last line: metric, time, files, the next command."""
         tr = self.trainer
+        log_dir = tr.log_dir  # a collective under DDP: every rank asks
         if not tr.is_global_zero:
             return
         monitor, mode = default_monitor(self.model)
         lines = [f"fit done in {_duration(time.time() - self._t0)}, {tr.current_epoch} epoch(s)"]
-        history = _metric_history(tr.log_dir, monitor)
+        history = _metric_history(log_dir, monitor)
         if history:
             pick = max if mode == "max" else min
             best = pick(history, key=lambda h: h[1])
@@ -217,10 +218,10 @@ class VitmhaCLI(LightningCLI):
         if last and os.path.isfile(last):
             lines.append(f"  last checkpoint: {last}")
         for name in ("metrics.csv", "config.yaml"):
-            if tr.log_dir and os.path.isfile(os.path.join(tr.log_dir, name)):
-                lines.append(f"  {name}: {os.path.join(tr.log_dir, name)}")
+            if log_dir and os.path.isfile(os.path.join(log_dir, name)):
+                lines.append(f"  {name}: {os.path.join(log_dir, name)}")
         if last and os.path.isfile(last):
-            cfg = os.path.join(tr.log_dir, "config.yaml") if tr.log_dir else "X.yaml"
+            cfg = os.path.join(log_dir, "config.yaml") if log_dir else "X.yaml"
             lines.append(f"  next: vitmha test --config {cfg} --ckpt_path {last}")
         print("\n".join(lines), flush=True)
 

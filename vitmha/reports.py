@@ -333,8 +333,9 @@ class EvaluationReport(Callback):
         if self.report is None:
             return
         self.result = self.report.compute()  # every rank: the metrics sync across processes
+        directory = self._directory(trainer, stage)  # every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            self.files = self.report.write(self._directory(trainer, stage), self.result)
+            self.files = self.report.write(directory, self.result)
         self.report = None
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
