@@ -84,7 +84,7 @@ def test_files_sharing_a_stem_get_distinct_outputs(ckpts, tmp_path):
     (tmp_path / "a" / "s0000.png").write_bytes(src.read_bytes())
     predict.main(["--checkpoint", ckpts["seg"], "--input", src, tmp_path / "a", "--output", tmp_path / "o",
                   "--no-progress"])
-    assert sorted(p.name for p in (tmp_path / "o").glob("*_mask.png")) == ["a_s0000_mask.png", "images_s0000_mask.png"]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*_mask.png")) == ["a_s0000_mask.png", "s0000_mask.png"]
 
 
 def test_large_images_use_the_tasks_sliding_window(ckpts, tmp_path):
@@ -160,3 +160,20 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path, 
     for name in ("test/acc", "test/f1", "test/precision", "test/recall"):
         assert summary[name] == pytest.approx(logged[name], abs=1e-7), name
     assert "report: " + str(test_dir / "report_test") in capsys.readouterr().out
+
+
+def test_cli_mask_writer_keeps_files_that_share_a_stem_apart(tmp_path):
+    """`vitmha predict`'s writer and tools/predict.py share one mask/overlay writer and one naming rule."""
+    from vitmha.callbacks import SegmentationPredictionWriter
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(tmp_path / d / "x.png")
+    writer = SegmentationPredictionWriter(str(tmp_path / "out"))
+    writer.on_predict_start(None, None)
+    masks = [torch.ones(6, 8, dtype=torch.long), torch.full((6, 8), 2, dtype=torch.long)]
+    batch = {"path": [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")], "orig_size": torch.tensor([[6, 8]] * 2)}
+    writer.write_on_batch_end(None, None, {"mask": masks}, None, batch, 0, 0)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["b_x_mask.png", "b_x_overlay.png", "x_mask.png", "x_overlay.png"]
+    assert np.asarray(Image.open(tmp_path / "out" / "b_x_mask.png")).max() == 2

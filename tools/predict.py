@@ -14,12 +14,10 @@ training size is predicted with sliding windows at its own resolution instead (`
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
-from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.path:
@@ -68,43 +66,18 @@ def _progress(total: int, disable: bool, desc: str):
 def predict_classification(probs_fn, num_classes: int, pre: Preprocess, files: List[str], args,
                            device: torch.device) -> Path:
     """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK) from ``probs_fn(x)`` (B, C)
-    probabilities; returns its path."""
+    probabilities, with the CLI's writer; returns its path."""
+    from vitmha.callbacks import PredictionsCsv
+
     transform = eval_transform(pre, "classification")
-    k = max(1, min(args.topk, int(num_classes)))
-    names = pre.classes or [str(i) for i in range(int(num_classes))]
-    out = Path(args.output) / "predictions.csv"
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "w", newline="") as f, _progress(len(files), args.no_progress, "predict") as bar:
-        writer = csv.writer(f)
-        writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
+    out = PredictionsCsv(str(Path(args.output) / "predictions.csv"), args.topk, pre.classes)
+    with _progress(len(files), args.no_progress, "predict") as bar:
         for chunk in batched(files, args.batch_size):
             x = torch.stack([transform(image=read_image(p))["image"] for p in chunk]).to(device)
             with torch.no_grad():
-                probs = probs_fn(x).float().cpu()
-            top_p, top_i = probs.topk(k, dim=-1)
-            for path, ps, idx in zip(chunk, top_p.tolist(), top_i.tolist()):
-                row = [path]
-                for p_, i_ in zip(ps, idx):
-                    row += [names[i_], f"{p_:.6f}"]
-                writer.writerow(row)
+                out.write(chunk, probs_fn(x))
             bar.update(len(chunk))
-    os.replace(tmp, out)
-    return out
-
-
-def _unique_stems(files: List[str]) -> List[str]:
-    """File stems, made unique with the parent folder name (then a counter) where two files share one."""
-    stems = [Path(f).stem for f in files]
-    counts = Counter(stems)
-    seen: Dict[str, int] = {}
-    out = []
-    for f, s in zip(files, stems):
-        if counts[s] > 1:
-            s = f"{Path(f).parent.name}_{s}"
-        n = seen.get(s, 0)
-        seen[s] = n + 1
-        out.append(s if n == 0 else f"{s}_{n}")
-    return out
+    return Path(out.close())
 
 
 def segment_logits(task, pre: Preprocess, images: List[np.ndarray], mode: str, device: torch.device,
@@ -134,25 +107,18 @@ def segment_logits(task, pre: Preprocess, images: List[np.ndarray], mode: str, d
 
 
 def predict_segmentation(task, pre: Preprocess, files: List[str], args, device: torch.device) -> List[Path]:
-    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image; returns the mask paths."""
-    from PIL import Image
-
-    from vitmha.visualize import overlay_mask
+    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image with the CLI's writer (a stem two
+    inputs share gets the parent folder's name); returns the mask paths."""
+    from vitmha.callbacks import StemNamer, save_mask_and_overlay
 
     transform = eval_transform(pre, "segmentation")
-    out_dir = Path(args.output)
+    names = StemNamer()
     written = []
-    stems = _unique_stems(files)
     with _progress(len(files), args.no_progress, "segment") as bar:
-        for chunk in batched(list(range(len(files))), args.batch_size):
-            images = [read_image(files[i]) for i in chunk]
-            for i, img, logits in zip(chunk, images, segment_logits(task, pre, images, args.mode, device, transform)):
-                mask = logits.argmax(0).numpy()
-                mpath = out_dir / f"{stems[i]}_mask.png"
-                Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(mpath)
-                Image.fromarray(overlay_mask(img, mask, args.alpha, ignore_index=None)).save(
-                    out_dir / f"{stems[i]}_overlay.png")
-                written.append(mpath)
+        for chunk in batched(files, args.batch_size):
+            images = [read_image(f) for f in chunk]
+            for f, img, logits in zip(chunk, images, segment_logits(task, pre, images, args.mode, device, transform)):
+                written.append(save_mask_and_overlay(args.output, names(f), logits.argmax(0).numpy(), img, args.alpha))
             bar.update(len(chunk))
     return written
 

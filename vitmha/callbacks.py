@@ -32,6 +32,9 @@ __all__ = [
     "VitmhaModelCheckpoint",
     "ClassificationPredictionWriter",
     "SegmentationPredictionWriter",
+    "PredictionsCsv",
+    "StemNamer",
+    "save_mask_and_overlay",
     "segmentation_palette",
 ]
 
@@ -229,6 +232,83 @@ def _rank_suffix(trainer: Any) -> str:
     return f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
 
 
+class PredictionsCsv:
+    """``predictions.csv``: one row per image, ``path, label1, prob1, ..., labelK, probK``; written to a
+    temporary file and renamed into place by ``close``. The one writer behind ``vitmha predict`` and
+    tools/predict.py."""
+
+    def __init__(self, path: str, top_k: int, names: Optional[Sequence[str]] = None) -> None:
+        self.path, self.top_k, self.names = path, top_k, list(names) if names else None
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+        self._file = open(self._tmp, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._header = False
+
+    def write(self, paths: Sequence[str], probs: torch.Tensor) -> None:
+        """Rows for ``paths`` from their (B, C) probabilities."""
+        probs = probs.detach().float().cpu()
+        k = min(self.top_k, probs.shape[-1])
+        if not self._header:
+            self._writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
+            self._header = True
+        top_p, top_i = probs.topk(k, dim=-1)
+        for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist()):
+            row: list[Any] = [path]
+            for p, i in zip(ps, idx):
+                row += [self.names[i] if self.names and i < len(self.names) else str(i), f"{p:.6f}"]
+            self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> str:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            os.replace(self._tmp, self.path)
+        return self.path
+
+
+class StemNamer:
+    """Output names for input images: the file's stem, or ``<parent folder>_<stem>`` (then a counter) when
+    an earlier image took it, so two inputs never write the same file."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, path: str) -> str:
+        p = Path(path)
+        candidates = [p.stem, f"{p.parent.name}_{p.stem}"]
+        n = 1
+        while all(c in self.used for c in candidates):
+            candidates.append(f"{p.parent.name}_{p.stem}_{n}")
+            n += 1
+        stem = next(c for c in candidates if c not in self.used)
+        self.used.add(stem)
+        return stem
+
+
+def save_mask_and_overlay(output_dir: str, stem: str, mask: np.ndarray, image: Optional[np.ndarray],
+                          alpha: float = 0.5) -> Path:
+    """Write ``<stem>_mask.png`` (one channel, pixel = class index; 16-bit past 255 classes) and
+    ``<stem>_overlay.png`` (class colours over ``image``, resized to the mask, or the colours alone);
+    returns the mask's path. The one mask/overlay writer of ``vitmha predict`` and tools/predict.py."""
+    from PIL import Image
+
+    from vitmha.visualize import colorize_mask, overlay_mask
+
+    mask = np.asarray(mask).astype(np.int64)
+    mpath = Path(output_dir) / f"{stem}_mask.png"
+    Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(mpath)
+    if image is None:
+        overlay = colorize_mask(mask, None).astype(np.uint8)
+    else:
+        if image.shape[:2] != mask.shape:
+            image = np.asarray(Image.fromarray(image).resize((mask.shape[1], mask.shape[0]), Image.BILINEAR))
+        overlay = overlay_mask(image, mask, alpha, ignore_index=None)
+    Image.fromarray(overlay).save(Path(output_dir) / f"{stem}_overlay.png")
+    return mpath
+
+
 class ClassificationPredictionWriter(BasePredictionWriter):
     """Writes ``<output_dir>/predictions.csv``: one row per image with its top-k labels and probabilities.
 
@@ -243,43 +323,26 @@ class ClassificationPredictionWriter(BasePredictionWriter):
         self.output_dir = output_dir
         self.top_k = top_k
         self.class_names = class_names
-        self._file = None
-        self._writer = None
-        self._names: Optional[list[str]] = None
+        self._csv: Optional[PredictionsCsv] = None
 
     @property
     def csv_path(self) -> str:
         return os.path.join(self.output_dir, "predictions.csv")
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        self._names = _class_names(trainer, pl_module, self.class_names)
         path = os.path.join(self.output_dir, f"predictions{_rank_suffix(trainer)}.csv")
-        self._file = open(path, "w", newline="")
-        self._writer = csv.writer(self._file)
-        self._header_written = False
+        self._csv = PredictionsCsv(path, self.top_k, _class_names(trainer, pl_module, self.class_names))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         key, out = _as_tensor(prediction, ("logits", "probs"))
         out = out.detach().float().cpu()
         probs = out if key == "probs" else out.softmax(dim=-1)
-        k = min(self.top_k, probs.shape[-1])
-        if not self._header_written:
-            header = ["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")]
-            self._writer.writerow(header)
-            self._header_written = True
-        top_p, top_i = probs.topk(k, dim=-1)
-        for path, ps, idx in zip(_batch_paths(batch, batch_idx, len(probs)), top_p.tolist(), top_i.tolist()):
-            row: list[Any] = [path]
-            for p, i in zip(ps, idx):
-                row += [self._names[i] if self._names and i < len(self._names) else str(i), f"{p:.6f}"]
-            self._writer.writerow(row)
-        self._file.flush()
+        self._csv.write(_batch_paths(batch, batch_idx, len(probs)), probs)
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._csv is not None:
+            self._csv.close()
+            self._csv = None
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):
@@ -297,10 +360,11 @@ class SegmentationPredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.alpha = alpha
-        self._palette = segmentation_palette()
+        self._names = StemNamer()
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
+        self._names = StemNamer()
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         from PIL import Image
@@ -317,18 +381,8 @@ class SegmentationPredictionWriter(BasePredictionWriter):
                 mask = item
                 if size is not None and tuple(mask.shape) != size:
                     mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
-            mask = mask.to(torch.int64).numpy()
-            stem = Path(path).stem
-            if mask.max(initial=0) < 256:
-                Image.fromarray(mask.astype(np.uint8), mode="L").save(os.path.join(self.output_dir, f"{stem}_mask.png"))
-            else:
-                Image.fromarray(mask.astype(np.uint16)).save(os.path.join(self.output_dir, f"{stem}_mask.png"))
-            colour = self._palette[mask % len(self._palette)]
-            base = None
+            image = None
             if os.path.isfile(path):
                 with Image.open(path) as im:
-                    base = np.asarray(im.convert("RGB").resize((mask.shape[1], mask.shape[0])), dtype=np.float32)
-            overlay = colour if base is None else (1 - self.alpha) * base + self.alpha * colour
-            Image.fromarray(np.clip(overlay, 0, 255).astype(np.uint8)).save(
-                os.path.join(self.output_dir, f"{stem}_overlay.png")
-            )
+                    image = np.asarray(im.convert("RGB"))
+            save_mask_and_overlay(self.output_dir, self._names(path), mask.to(torch.int64).numpy(), image, self.alpha)
