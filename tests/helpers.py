@@ -146,3 +146,48 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+# ------------------------------------------------------------------------------------------ interruptions
+# Callbacks for runs of tools/train.py in a subprocess (``--trainer.callbacks+=tests.helpers.Name`` with
+# PYTHONPATH at the repository root): they stop a run the way a crash or a scheduler does.
+class KillAt(L.Callback):
+    """SIGKILL this process when batch ``batch`` of epoch ``epoch`` ends (nothing after it is saved)."""
+
+    def __init__(self, epoch: int = 2, batch: int = 1) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), 9)
+
+
+class SignalAt(L.Callback):
+    """Send ``signal`` to this process when batch ``batch`` of epoch ``epoch`` starts (as a scheduler would
+    at any moment; the handler only sets a flag, so where it lands inside the step does not matter)."""
+
+    def __init__(self, epoch: int = 2, batch: int = 1, signal: str = "SIGTERM") -> None:
+        self.epoch, self.batch, self.signal = epoch, batch, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import signal as _signal
+
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), getattr(_signal, self.signal))
+
+
+class WeightDigests(L.Callback):
+    """Append ``epoch step sha256(weights)`` to ``path`` at every training-epoch end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(pl_module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.current_epoch} {trainer.global_step} {h.hexdigest()}\n")

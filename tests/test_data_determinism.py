@@ -49,6 +49,34 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert [k[0] for k in a] != [k[0] for k in b]
 
 
+def test_sampler_shards_like_distributed_sampler_over_its_keys():
+    from torch.utils.data import DistributedSampler
+
+    full = EpochSeededSampler(10, seed=3)
+    full.set_epoch(2)
+    keys = list(full)
+    for rank in range(3):  # 10 keys on 3 ranks: 4 each, the first 2 keys repeated to pad
+        mine = EpochSeededSampler(10, seed=3, num_replicas=3, rank=rank)
+        mine.set_epoch(2)
+        reference = DistributedSampler(keys, num_replicas=3, rank=rank, shuffle=False)
+        assert list(mine) == [keys[i] for i in reference] and len(mine) == 4
+
+
+def test_sampler_resumes_part_way_through_an_epoch_and_only_that_epoch():
+    a = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1)
+    a.set_epoch(4)
+    whole = list(a)
+    b = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1)
+    b.resume_at(4, 3)
+    assert list(b) == whole[3:]
+    assert len(b) == len(whole) == 5  # Lightning stops the epoch at the full length, counting trained batches
+    b.set_epoch(4)  # Lightning sets the restored epoch after making the first iterator: no change
+    assert list(b) == whole[3:]
+    b.set_epoch(5)
+    a.set_epoch(5)
+    assert list(b) == list(a)
+
+
 def test_seed_defaults_to_pl_global_seed(monkeypatch):
     from vitmha.data.sampling import resolve_seed
 

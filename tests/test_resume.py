@@ -1,7 +1,7 @@
 """Exact resume: 2 epochs, then resume from last.ckpt to 4, gives the weights of a straight 4-epoch run.
 
 Holds because the data module augments sample i of epoch e from (seed, e, i) and shuffles from
-(seed, e), and the task reseeds torch/numpy/random from (seed, epoch) at every epoch start (dropout,
+(seed, e), and the task reseeds torch/numpy/random from (seed, epoch, batch) before every batch (dropout,
 drop-path, mixup); the optimizer, LR scheduler and loop counters come back from the checkpoint.
 """
 from __future__ import annotations

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
 from vitmha.data.datasets import collate_pairs, collate_predict
@@ -76,6 +78,7 @@ class BaseDataModule(pl.LightningDataModule):
             if hasattr(dataset, "seed"):
                 dataset.seed = seed
             sampler = EpochSeededSampler(len(dataset), seed=seed, shuffle=True)
+            self._start_sampler(sampler)
         return DataLoader(
             dataset,
             batch_size=int(self.batch_size),
@@ -88,6 +91,44 @@ class BaseDataModule(pl.LightningDataModule):
             persistent_workers=bool(self.persistent_workers) and workers > 0,
             worker_init_fn=worker_init if workers > 0 else None,
         )
+
+    # ----------------------------------------------------------------- exact resume
+    def state_dict(self) -> Dict[str, Any]:
+        """Where training stands, saved in every checkpoint Lightning writes during fit: the epoch the train
+        loader is in and how many of its batches were trained (0 once the epoch's training part is done,
+        with the next epoch). Read from the fit loop's progress counters, the same ones Lightning restores."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        loop = trainer.fit_loop
+        epochs = loop.epoch_progress.current
+        if epochs.processed < epochs.started:  # inside an epoch: resume after its last trained batch
+            epoch, batches = epochs.processed, loop.epoch_loop.batch_progress.current.processed
+        else:
+            epoch, batches = epochs.processed, 0
+        return {"train_position": {"epoch": int(epoch), "batches": int(batches), "batch_size": int(self.batch_size),
+                                   "world_size": int(trainer.world_size)}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Keep the saved position for the train loader of the fit that resumes from this checkpoint."""
+        self._resume_position = state_dict.get("train_position")
+
+    def _start_sampler(self, sampler: EpochSeededSampler) -> None:
+        """Start a resumed fit's sampler where the checkpoint left off. Needed because Lightning makes (and
+        worker processes prefetch) the first train iterator before it calls ``set_epoch``."""
+        pos = getattr(self, "_resume_position", None)
+        self._resume_position = None  # once: a reloaded train loader starts at its epoch's beginning
+        if not pos:
+            return
+        start = int(pos["batches"]) * int(pos["batch_size"])
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if start and (int(pos["batch_size"]) != int(self.batch_size) or int(pos["world_size"]) != world):
+            warnings.warn(
+                f"resuming in the middle of epoch {pos['epoch']} with batch_size {self.batch_size} on {world} "
+                f"device(s), but the checkpoint was written with batch_size {pos['batch_size']} on "
+                f"{pos['world_size']}: the rest of this epoch starts after the same number of samples, so the "
+                "run is not an exact continuation", UserWarning, stacklevel=2)
+        sampler.resume_at(int(pos["epoch"]), start)
 
     def _split_loader(self, split: str) -> DataLoader:
         collate = self.split_collate.get(split, collate_predict if split == "predict" else collate_pairs)

@@ -4,19 +4,23 @@ The train sampler yields keys ``(index, epoch)`` instead of plain indices; datas
 seed their augmentation from it. Batches therefore do not depend on ``num_workers``, on worker
 restarts or on what ran before, so a run resumed at epoch e sees exactly the batches it would have seen.
 
-Lightning calls ``set_epoch`` on the dataloader's sampler at the start of every epoch (also after a
-resume, with the restored epoch), and under DDP its ``DistributedSamplerWrapper`` forwards ``set_epoch``
-and shards our keys, so the same holds across devices.
+Lightning calls ``set_epoch`` on the dataloader's sampler at the start of every epoch, but only after it
+has made (and, with worker processes, prefetched from) the first iterator of a resumed fit; so the data
+modules also store where training stands in their checkpoint state and start the sampler there
+(:meth:`EpochSeededSampler.resume_at`: the restored epoch, and the batch after the last one trained when
+the checkpoint is from the middle of an epoch). Under DDP the sampler shards itself, so the same holds
+on every rank.
 """
 from __future__ import annotations
 
 import os
 import random
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 Key = Union[int, Tuple[int, int]]
 _MASK64 = (1 << 64) - 1
@@ -85,35 +89,78 @@ def split_key(key: Key) -> Tuple[int, Optional[int]]:
     return int(key), None
 
 
-class EpochSeededSampler(Sampler):
-    """Yields ``(index, epoch)`` keys; the order of each epoch is a function of (seed, epoch) only.
+class EpochSeededSampler(DistributedSampler):
+    """Yields ``(index, epoch)`` keys; the order of each epoch is a function of (seed, epoch) only, and it
+    can start part-way through an epoch (exact resume from a mid-epoch checkpoint).
+
+    Under ``torch.distributed`` it shards itself like ``DistributedSampler(shuffle=False, drop_last=False)``
+    over the shuffled keys (pad by repeating the first keys, then every ``world``-th key from ``rank``), so
+    Lightning keeps it instead of wrapping it (it is a ``DistributedSampler``), and the resume offset
+    counts this rank's own keys. The process group is read when iterating, not when built.
 
     Args:
         n: dataset length.
         seed: base seed.
         shuffle: shuffle each epoch (else indices in order, still keyed with the epoch).
+        num_replicas, rank: the shard to yield (default: from the process group, else 1 and 0).
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: Optional[int] = None,
+                 rank: Optional[int] = None):
+        # DistributedSampler.__init__ is not called: it needs the process group, which comes later
+        self._replicas, self._rank = num_replicas, rank
         self.n = int(n)
         self.seed = int(seed)
         self.shuffle = shuffle
         self.epoch = 0
+        self.start = 0  # keys of this rank to skip in ``epoch`` (set by ``resume_at``)
+        self.drop_last = False
+
+    @property
+    def num_replicas(self) -> int:
+        if self._replicas is not None:
+            return int(self._replicas)
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return int(self._rank)
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
     def set_epoch(self, epoch: int) -> None:
+        if int(epoch) != self.epoch:
+            self.start = 0  # the resume offset belongs to the epoch it was set for
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        return self.n
+    def resume_at(self, epoch: int, start: int) -> None:
+        """Begin at key ``start`` (of this rank's share) of ``epoch``; later epochs start at 0."""
+        self.epoch, self.start = int(epoch), int(start)
 
-    def __iter__(self) -> Iterator[Tuple[int, int]]:
+    def _per_rank(self) -> int:
+        return -(-self.n // self.num_replicas)  # ceil: the last keys repeat to even out the ranks
+
+    def __len__(self) -> int:
+        # the whole epoch's length, also when resuming part-way: Lightning counts the trained batches of
+        # the epoch from the checkpoint and stops the epoch at this length
+        return self._per_rank()
+
+    def keys(self) -> List[Tuple[int, int]]:
+        """This rank's keys of the current epoch, from ``start`` on."""
         if self.shuffle:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
-            order = range(self.n)
-        e = self.epoch
-        return iter([(i, e) for i in order])
+            order = list(range(self.n))
+        world = self.num_replicas
+        if world > 1:
+            total = self._per_rank() * world
+            order = (order * -(-total // max(len(order), 1)))[:total]
+            order = order[self.rank:total:world]
+        return [(i, self.epoch) for i in order[self.start:]]
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return iter(self.keys())
 
 
 def seed_pipeline(pipeline, seed: int, key: Key) -> None:

@@ -1,5 +1,5 @@
 """What the classification and segmentation tasks share: building the backbone, optimiser and
-schedule, linear probing / late unfreezing, weight EMA, per-epoch reseeding for exact resume, and the
+schedule, linear probing / late unfreezing, weight EMA, per-step reseeding for exact resume, and the
 non-finite loss policy. Subclasses define ``__init__`` (their typed signature is the CLI), set
 ``self.model`` (everything that is trained; the EMA follows it) and ``self.ema`` and implement the steps."""
 from __future__ import annotations
@@ -49,9 +49,10 @@ def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
     return 1e-4 if (not from_scratch(pretrained) and not freeze_backbone) else 1e-3
 
 
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """A 63-bit seed that is a function of (global seed, epoch, rank) only."""
-    return (seed * 1_000_003 + epoch * 7_919 + rank * 104_729) % (2**63 - 1)
+def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    """A 63-bit seed that is a function of (global seed, epoch, batch index in the epoch, rank) only."""
+    state = np.random.SeedSequence([int(seed) & (2**64 - 1), epoch, batch, rank, 0x57E9]).generate_state(2, np.uint32)
+    return ((int(state[0]) << 31) ^ int(state[1])) % (2**63 - 1)
 
 
 class BackboneTask(L.LightningModule):
@@ -117,9 +118,6 @@ class BackboneTask(L.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         hp = self.hparams
         lr = self.learning_rate
-        # build_optimizer reads trainer.estimated_stepping_batches, which makes the first train iterator
-        self._preseeded_epoch = getattr(self, "_start_epoch", 0)
-        self._reseed(self._preseeded_epoch)
         groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
                               layer_decay=hp.layer_decay)
         return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
@@ -178,30 +176,19 @@ class BackboneTask(L.LightningModule):
     def on_fit_start(self) -> None:
         self._apply_freeze()
 
-    def _reseed(self, epoch: int) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Exact resume: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, batch index, rank) before every
+        # training batch, so dropout, drop-path and mixup draw the same numbers whether the run started here
+        # or resumed from a checkpoint written at an epoch's end or in its middle (the data modules key
+        # shuffling and augmentation the same way: vitmha.data.sampling).
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
-            s = epoch_seed(int(seed), epoch, self.global_rank)
+            s = step_seed(int(seed), self.current_epoch, batch_idx, self.global_rank)
             torch.manual_seed(s)  # also seeds every CUDA device
             random.seed(s)
             np.random.seed(s % 2**32)
 
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # the epoch a resumed fit starts at: epochs whose training part ran (end-of-epoch checkpoints)
-        try:
-            self._start_epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-        except (KeyError, TypeError):
-            self._start_epoch = int(checkpoint.get("epoch", 0))
-
     def on_train_epoch_start(self) -> None:
-        # Exact resume: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, rank) right before the train loader
-        # is iterated, so shuffling, worker seeds, dropout, drop-path and mixup are a function of (seed, epoch)
-        # and a run resumed from an end-of-epoch checkpoint continues bitwise identically. Lightning iterates
-        # the loader after this hook, except in a fit's first epoch, whose iterator is made when
-        # configure_optimizers asks for the number of steps; that epoch is seeded there.
-        if self.current_epoch != getattr(self, "_preseeded_epoch", None):
-            self._reseed(self.current_epoch)
-        self._preseeded_epoch = None
         self._apply_freeze()
         self.skipped_batches = 0
 
