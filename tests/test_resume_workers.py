@@ -126,21 +126,25 @@ def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bitwise(kind, strai
     assert_continues_bitwise(reference, tmp_path / "resumed.txt", first_epoch=2)
 
 
-@pytest.mark.parametrize("kind,signal", [("classification", "SIGTERM"), ("segmentation", "SIGUSR1")])
-def test_a_preempted_run_checkpoints_exits_143_and_continues_bitwise(kind, signal, straight, tmp_path):
+@pytest.mark.parametrize("kind,signal,batch", [("classification", "SIGTERM", 1), ("segmentation", "SIGUSR1", 2)])
+def test_a_preempted_run_checkpoints_exits_143_and_continues_bitwise(kind, signal, batch, straight, tmp_path):
+    """Stopped in the middle of the 3rd epoch, and at its last batch (which Lightning, restarting, counts
+    as a finished epoch: the next one must start from its beginning)."""
     data, reference = straight(kind)
     stopped = train(tmp_path, data, tmp_path / "stopped.txt", "--trainer.callbacks+=tests.helpers.SignalAt",
-                    "--trainer.callbacks.epoch=2", "--trainer.callbacks.batch=1",
+                    "--trainer.callbacks.epoch=2", f"--trainer.callbacks.batch={batch}",
                     f"--trainer.callbacks.signal={signal}")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     last = run_dirs(tmp_path)[0] / "checkpoints" / "last.ckpt"
+    step = 6 + batch + 1
     notes = [line for line in stopped.stderr.splitlines() if line.startswith("vitmha: ")]
-    assert notes == [f"vitmha: {signal} received: stopped at epoch 2, step 8; resumable checkpoint: {last} "
+    assert notes == [f"vitmha: {signal} received: stopped at epoch 2, step {step}; resumable checkpoint: {last} "
                      f"(continue with --ckpt_path {last}, or --ckpt_path last)"]
     assert "Traceback" not in stopped.stderr
     assert not list(last.parent.glob("*.tmp-*"))  # written atomically
-    epoch, step, pos = position(last)
-    assert (epoch, step) == (2, 8) and (pos["epoch"], pos["batches"]) == (2, 2)
+    epoch, saved_step, pos = position(last)
+    assert (epoch, saved_step) == (2, step)
+    assert (pos["epoch"], pos["batches"]) == ((2, batch + 1) if batch < 2 else (3, 0))
     resumed = train(tmp_path, data, tmp_path / "resumed.txt", "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_continues_bitwise(reference, tmp_path / "resumed.txt", first_epoch=2)
+    assert_continues_bitwise(reference, tmp_path / "resumed.txt", first_epoch=2 if batch < 2 else 3)

@@ -101,12 +101,15 @@ class BaseDataModule(pl.LightningDataModule):
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
         loop = trainer.fit_loop
-        epochs = loop.epoch_progress.current
-        if epochs.processed < epochs.started:  # inside an epoch: resume after its last trained batch
-            epoch, batches = epochs.processed, loop.epoch_loop.batch_progress.current.processed
+        epochs, batches = loop.epoch_progress.current, loop.epoch_loop.batch_progress
+        if epochs.processed < epochs.started and not batches.is_last_batch:
+            # inside an epoch: resume after its last trained batch
+            epoch, done = epochs.processed, batches.current.processed
         else:
-            epoch, batches = epochs.processed, 0
-        return {"train_position": {"epoch": int(epoch), "batches": int(batches), "batch_size": int(self.batch_size),
+            # the epoch's training part is over (Lightning also counts a checkpoint written after the last
+            # batch, before the epoch end, as a finished epoch when it restarts): the next one from its start
+            epoch, done = epochs.processed + int(epochs.processed < epochs.started), 0
+        return {"train_position": {"epoch": int(epoch), "batches": int(done), "batch_size": int(self.batch_size),
                                    "world_size": int(trainer.world_size)}}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
