@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitmha.checkpoints import CheckpointError
 from vitmha.inference import (ToolError, collect_inputs, load_task, preprocess_config, read_checkpoint,
                               task_class_path)
 
@@ -49,14 +50,14 @@ def test_preprocessing_falls_back_to_the_backbone_config(ckpts, tmp_path):
 
 
 def test_missing_and_bad_checkpoints_are_named(tmp_path):
-    with pytest.raises(ToolError, match="nope.ckpt: checkpoint not found"):
+    with pytest.raises(CheckpointError, match="nope.ckpt: checkpoint not found"):
         read_checkpoint(str(tmp_path / "nope.ckpt"))
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ToolError, match="bad.ckpt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="bad.ckpt: not a readable checkpoint"):
         read_checkpoint(str(bad))
     torch.save({"weights": torch.zeros(1)}, tmp_path / "plain.pt")
-    with pytest.raises(ToolError, match="plain.pt: not a Lightning checkpoint"):
+    with pytest.raises(CheckpointError, match="plain.pt: not a Lightning checkpoint"):
         read_checkpoint(str(tmp_path / "plain.pt"))
 
 

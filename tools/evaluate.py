@@ -23,7 +23,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)  # this checkout's vitmha, installed or not
 
-from vitmha.inference import ToolError, load_task, read_checkpoint, run_tool  # noqa: E402
+from vitmha.inference import ToolError, load_task, read_checkpoint, run_tool, task_class_path  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -55,6 +55,12 @@ def _data_section(args, ckpt: Dict[str, Any]) -> Dict[str, Any]:
                 cfg = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ToolError(f"{args.config}: not valid YAML ({e})") from None
+        model = cfg.get("model") if isinstance(cfg, dict) else None
+        model_class = str(model.get("class_path", "")) if isinstance(model, dict) else ""
+        task_class = task_class_path(ckpt, args.checkpoint)
+        if model_class and model_class.rsplit(".", 1)[-1] != task_class.rsplit(".", 1)[-1]:
+            raise ToolError(f"{args.checkpoint}: a checkpoint of {task_class}, but {args.config} is a config for "
+                            f"{model_class} (its data would not fit)")
         data = cfg.get("data") if isinstance(cfg, dict) else None
         if not isinstance(data, dict) or "class_path" not in data:
             raise ToolError(f"{args.config}: no data: section with a class_path (expected data: {{class_path: ..., "

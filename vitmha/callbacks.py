@@ -2,11 +2,13 @@
 
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file next to its target, fsyncs it
   and renames it into place, so ``last.ckpt`` is always a complete file even if the process is killed
-  mid-save.
+  mid-save; a write that fails (a full disk) stops the run with :class:`CheckpointWriteError`.
 - :class:`VitmhaModelCheckpoint` refuses to write weights that contain NaN/Inf, so a diverged run never
   replaces the last good checkpoint.
 - :class:`ClassificationPredictionWriter` and :class:`SegmentationPredictionWriter` write what
   ``vitmha predict`` produces: ``predictions.csv``, index-mask PNGs and colour overlays.
+- :func:`run_loggers` gives the CSV and TensorBoard loggers of a run one ``version_N`` folder, claimed
+  atomically, so runs started together under the same root never share one.
 """
 from __future__ import annotations
 
@@ -16,18 +18,23 @@ import io
 import os
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from vitmha.visualize import segmentation_palette
 
 __all__ = [
     "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "RunVersion",
+    "run_loggers",
     "NonFiniteWeightsError",
     "VitmhaModelCheckpoint",
     "ClassificationPredictionWriter",
@@ -63,6 +70,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. no space left on device); the previous file is intact. Defined
+    here so that the CLI reports it as one ``error:`` line naming the file."""
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``torch.save`` to ``<path>.tmp-<pid>`` in the target's directory, fsync, then ``os.replace``.
 
@@ -91,9 +103,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as e:
             with suppress(OSError):
                 os.remove(tmp)
+            if isinstance(e, OSError):  # a full disk, a quota, a read-only folder: the user's to fix
+                raise CheckpointWriteError(f"{path}: checkpoint not written ({e.strerror or e}); the checkpoints "
+                                           "already on disk are kept") from e
             raise
         _fsync_dir(dirpath)
         self._remove_stale_tmp(path)
@@ -163,6 +178,67 @@ class VitmhaModelCheckpoint(ModelCheckpoint):
                 "(lower the learning rate, enable gradient clipping, or use a more stable precision)"
             )
         super()._save_checkpoint(trainer, filepath)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run folders
+
+
+class RunVersion:
+    """The ``version_N`` of one run under ``versions_root``, picked once and shared by the run's loggers.
+
+    Lightning's loggers each pick ``max(existing) + 1`` when first asked and create the folder later, so two
+    runs started together under the same root can pick the same N and write into one folder. Here global
+    rank 0 claims the folder with ``os.mkdir``, which exactly one process can do, and takes the next number
+    when another run got there first. Other ranks keep Lightning's guess: the trainer broadcasts rank 0's
+    folder wherever one is used (log_dir, checkpoints), and only rank 0 writes logs.
+    """
+
+    def __init__(self, versions_root: str) -> None:
+        self.versions_root = versions_root
+        self.version: Optional[int] = None
+
+    def __call__(self, guess: Callable[[], int]) -> int:
+        if self.version is None:
+            claim = getattr(rank_zero_only, "rank", 0) == 0 and "://" not in self.versions_root
+            self.version = self._claim(guess()) if claim else guess()
+        return self.version
+
+    def _claim(self, n: int) -> int:
+        os.makedirs(self.versions_root, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(os.path.join(self.versions_root, f"version_{n}"))
+                return n
+            except FileExistsError:
+                n += 1
+
+
+class _SharedVersion:
+    """Logger mixin: the version is the run's :class:`RunVersion`, not the logger's own guess."""
+
+    def __init__(self, *args: Any, run_version: RunVersion, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._run_version = run_version
+
+    def _get_next_version(self) -> int:  # what Lightning's CSV and TensorBoard loggers call, once, for a version
+        return self._run_version(super()._get_next_version)
+
+
+class _CSVLogger(_SharedVersion, CSVLogger):
+    pass
+
+
+class _TensorBoardLogger(_SharedVersion, TensorBoardLogger):
+    pass
+
+
+def run_loggers(save_dir: str, name: str = "lightning_logs") -> list:
+    """A CSV logger (first, so ``trainer.log_dir`` and the checkpoints are ``version_N`` itself) and a
+    TensorBoard logger (events in ``version_N/tb``), sharing one atomically claimed ``version_N``."""
+    version = RunVersion(os.path.join(save_dir, name))
+    return [_CSVLogger(save_dir=save_dir, name=name, run_version=version),
+            _TensorBoardLogger(save_dir=save_dir, name=name, sub_dir="tb", run_version=version)]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,11 +12,15 @@ once, by the data module, and linked to the model. Unless the config says otherw
 - ``seed_everything: 0`` unless given (the data modules and tasks derive every epoch's randomness from it,
   which is what makes ``--ckpt_path last.ckpt`` resume bit-exactly);
 - for ``predict``, ``--output_dir D`` writes ``D/predictions.csv`` (classifiers) or mask and overlay PNGs
-  (segmenters).
+  (segmenters);
+- ``--ckpt_path`` checked before anything runs: a missing, unreadable or code-carrying file, or one whose
+  weights do not fit the model the config builds, is one ``error:`` line; ``--ckpt_path last`` is the
+  newest run's ``last.ckpt`` under ``<trainer.default_root_dir>/lightning_logs``. The config is kept as
+  given (LightningCLI would replace the model's arguments with the checkpoint's hyper-parameters).
 
 Errors in the config are reported by jsonargparse with the offending key. vitmha's own user-facing errors
-(bad data, missing weights, a diverged run) print as ``error: ...`` with exit code 2; set
-``VITMHA_TRACEBACK=1`` to see the traceback instead.
+(bad data, missing weights, a bad checkpoint, a diverged run, a full disk) print as ``error: ...`` with exit
+code 2; set ``VITMHA_TRACEBACK=1`` to see the traceback instead.
 """
 from __future__ import annotations
 
@@ -29,15 +33,18 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from vitmha.checkpoints import CheckpointError, check_fits, find_last_checkpoint, read_checkpoint
 from vitmha.errors import exit_on_user_error
 from vitmha.callbacks import (
     AtomicCheckpointIO,
     ClassificationPredictionWriter,
     SegmentationPredictionWriter,
     VitmhaModelCheckpoint,
+    run_loggers,
 )
+from vitmha.preemption import Preemption
 
 __all__ = ["VitmhaCLI", "cli_main", "default_monitor", "is_segmenter"]
 
@@ -130,6 +137,9 @@ class VitmhaCLI(LightningCLI):
                 help="Write predictions here: predictions.csv (classification) or mask/overlay PNGs (segmentation).",
             )
             parser.add_argument("--top_k", type=int, default=5, help="Classes per image in predictions.csv.")
+        if any(action.dest == "weights_only" for action in parser._actions):
+            # Lightning passes None on to torch.load, which unpickles anything from a URL: only tensors here
+            parser.set_defaults(weights_only=True)
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -140,17 +150,60 @@ class VitmhaCLI(LightningCLI):
         else:
             self.config = parser.parse_args(args)
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` right after parsing, before anything is seeded, built or written: resolve
+        ``last``, and read the file safely, so that a bad file is one error line and starts no run folder.
+
+        This replaces LightningCLI's step of the same name, which unpickles the file unguarded (a bad file
+        ends in a traceback) and replaces the model's arguments with the checkpoint's hyper-parameters,
+        silently overriding the command line. Here the config stays as given, and
+        :meth:`_check_checkpoint_fits` checks that the checkpoint fits the model it builds.
+        """
+        self._checkpoint: Optional[tuple[str, dict]] = None
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        if path == "last":
+            path = config.ckpt_path = self._newest_last_checkpoint(_root_dir(config.get("trainer") or {}))
+        if path is None or path in ("best", "hpc") or "://" in str(path) or os.path.isdir(path):
+            return  # Lightning's special values, remote files and sharded checkpoint folders are Lightning's
+        self._checkpoint = (os.fspath(path), read_checkpoint(path))
+
+    def before_instantiate_classes(self) -> None:
+        if not hasattr(self, "_checkpoint"):  # a Lightning whose LightningCLI has no _parse_ckpt_path step
+            self._parse_ckpt_path()
+
+    @staticmethod
+    def _newest_last_checkpoint(root: str) -> str:
+        """``--ckpt_path last``: the newest run's last.ckpt (Lightning's ``last`` looks only in the new run's
+        own, empty, folder, and starts from scratch with just a warning)."""
+        versions = os.path.join(root, LOG_NAME)
+        last = find_last_checkpoint(versions)
+        if last is None:
+            pattern = os.path.join(versions, "version_*", "checkpoints", "last.ckpt")
+            raise CheckpointError(f"--ckpt_path last: no {pattern} (set trainer.default_root_dir to the runs' root, "
+                                  "or give the file)")
+        rank_zero_only(print)(f"--ckpt_path last: {last}", flush=True)
+        return last
+
+    def _check_checkpoint_fits(self) -> None:
+        """The checkpoint read in :meth:`_parse_ckpt_path` must hold this model's weights (a model
+        that builds its layers in ``configure_model`` has none yet, and is left to Lightning)."""
+        checkpoint, self._checkpoint = getattr(self, "_checkpoint", None), None
+        lazy = type(self.model).configure_model is not LightningModule.configure_model
+        if checkpoint is not None and not lazy:
+            check_fits(checkpoint[1], self.model, checkpoint[0])
+
     # ------------------------------------------------------------------------------------- instantiate
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})
-        root = config.get("default_root_dir") or os.getcwd()
+        root = _root_dir(config)
 
         if config.get("logger") in (None, True) and "logger" not in kwargs:
-            csv_logger = CSVLogger(save_dir=root, name=LOG_NAME)
-            # one version for both, so they share version_N; CSV first so trainer.log_dir (config.yaml)
-            # and the checkpoint folder are version_N itself
-            tb_logger = TensorBoardLogger(save_dir=root, name=LOG_NAME, version=csv_logger.version, sub_dir="tb")
-            kwargs["logger"] = [csv_logger, tb_logger]
+            kwargs["logger"] = run_loggers(root, LOG_NAME)  # CSV + TensorBoard in one claimed version_N
 
         configured = config.get("callbacks") or []
         callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
@@ -168,6 +221,8 @@ class VitmhaCLI(LightningCLI):
                     auto_insert_metric_name=False,
                 )
             )
+        if self.subcommand == "fit" and not any(isinstance(c, Preemption) for c in callbacks):
+            callbacks.append(Preemption())  # SIGTERM/SIGUSR1: resumable last.ckpt, exit 143
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
             callbacks.append(_progress_bar())
         if self.subcommand == "predict":
@@ -193,9 +248,10 @@ class VitmhaCLI(LightningCLI):
 
     # ------------------------------------------------------------------------------------- summaries
     def before_fit(self) -> None:
+        self._check_checkpoint_fits()
         self._t0 = time.time()
 
-    before_test = before_validate = before_fit
+    before_test = before_validate = before_predict = before_fit
 
     def after_fit(self) -> None:
         """One short summary instead of Lightning's last line: metric, time, files, the next command."""
@@ -244,6 +300,11 @@ class VitmhaCLI(LightningCLI):
 
     def after_validate(self) -> None:
         self._after_eval("validate")
+
+
+def _root_dir(trainer_config: Any) -> str:
+    """Where the run folders go: ``trainer.default_root_dir``, else the working directory (Lightning's rule)."""
+    return trainer_config.get("default_root_dir") or os.getcwd()
 
 
 def _duration(seconds: float) -> str:

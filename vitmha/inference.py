@@ -3,8 +3,8 @@ Lightning checkpoint, finding the preprocessing its run used, collecting and rea
 turning user-facing errors into one clean message.
 
 Lightning checkpoints are pickles. They are read with ``weights_only=True`` (tensors and plain Python
-containers only, nothing executed), and are meant to be the user's own files, written by ``vitmha fit``
-or ``trainer.save_checkpoint``.
+containers only, nothing executed; :func:`vitmha.checkpoints.read_checkpoint`, shared with the CLI), and
+are meant to be the user's own files, written by ``vitmha fit`` or ``trainer.save_checkpoint``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitmha.checkpoints import read_checkpoint  # noqa: F401 - the tools' checkpoint reader
 from vitmha.errors import exit_on_user_error
 
 __all__ = [
@@ -38,28 +39,6 @@ class ToolError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint dict of ``path``, read with ``weights_only=True`` and memory-mapped (cheap for big files).
-
-    Raises ToolError when the file is missing or is not a readable Lightning checkpoint.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ToolError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        try:  # legacy (non-zip) files cannot be memory-mapped
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001
-            msg = " ".join(str(e).split())[:300]
-            raise ToolError(f"{path}: not a readable checkpoint ({msg})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ToolError(f"{path}: not a Lightning checkpoint (no 'state_dict'); expected a file written by "
-                        "`vitmha fit` or trainer.save_checkpoint")
-    return ckpt
-
-
 def task_class_path(ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
     """``vitmha.tasks.ImageClassifier`` or ``vitmha.tasks.SemanticSegmenter`` for a checkpoint dict.
 
@@ -83,7 +62,8 @@ def load_task(checkpoint: str, map_location: Any = "cpu", ckpt: Optional[Dict[st
     """The ImageClassifier or SemanticSegmenter saved in ``checkpoint``, in eval mode.
 
     Loaded with Lightning's ``load_from_checkpoint(weights_only=True)``; ``pretrained`` is turned off
-    (the checkpoint holds every weight, so no pretrained file is needed). Raises ToolError naming the file.
+    (the checkpoint holds every weight, so no pretrained file is needed). Raises CheckpointError (an
+    unreadable file) or ToolError (another kind of task) naming the file.
     """
     import importlib
 

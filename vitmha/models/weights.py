@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -51,17 +51,39 @@ def read_weights(path: Union[str, os.PathLike]) -> StateDict:
         except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
             raise WeightsError(f"{path}: not a readable .npz file: {e}") from None
     if suffix in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(
-                f"{path}: refused to unpickle: the file holds more than tensors and plain containers, and "
-                f"loading it could run code ({first}). Convert it to .safetensors from a trusted source.") from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable PyTorch file (truncated or corrupt?): {e}") from None
-        return unwrap_state_dict(obj, source=str(path))
+        return unwrap_state_dict(load_torch_file(path), source=str(path))
     raise WeightsError(f"{path}: unknown weights format {suffix!r}; expected .safetensors, .pth, .pt, .bin or .npz")
+
+
+def load_torch_file(path: Union[str, os.PathLike], what: str = "weights file") -> object:
+    """``torch.load(path, weights_only=True)``, memory-mapped when the file is a zip archive (cheap for big
+    checkpoints). The one place vitmha unpickles a file: tensors and plain containers only, so nothing in
+    the file ever runs, and every failure is one WeightsError line naming the file and the reason
+    (``what`` names the kind of file in the messages).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"{path}: {what} not found")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds (KeyError, OSError, ...) for a bad file
+        reason = _load_failure(e)
+    global_name = re.search(r"GLOBAL ([\w.]+)", reason)
+    if global_name:
+        raise WeightsError(
+            f"{path}: refused to unpickle: it would import {global_name.group(1)}, and a pickle that holds more "
+            "than tensors and plain containers can run code; nothing in it was run (convert it to .safetensors "
+            "from a trusted source)") from None
+    raise WeightsError(f"{path}: not a readable {what}: truncated, corrupt or not a PyTorch file "
+                       f"({reason[:200]})") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's reason on one line, without the paragraphs its weights_only errors wrap it in."""
+    text = str(e).split("Check the documentation of torch.load")[0]
+    text = re.split(r"from a trusted source\.|WeightsUnpickler error:", text)[-1]
+    text = " ".join(text.split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def unwrap_state_dict(obj, source: str = "weights") -> StateDict:
@@ -288,7 +310,7 @@ def load_into(model: nn.Module, weights, source: str = "weights") -> None:
             if not keys:
                 return ""
             more = f" … and {len(keys) - 12} more" if len(keys) > 12 else ""
-            return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:12]) + more
+            return f"; {title} ({len(keys)}): " + ", ".join(keys[:12]) + more
         raise WeightsError(
             f"{source}: weights do not fit this model (another architecture or size?)"
             + fmt("missing", missing) + fmt("unexpected", unexpected) + fmt("shape mismatch", mis))

@@ -49,6 +49,9 @@ def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
     return 1e-4 if (not from_scratch(pretrained) and not freeze_backbone) else 1e-3
 
 
+EPOCH_START = 2**32 - 1  # the "batch index" of the seed drawn at an epoch's start
+
+
 def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
     """A 63-bit seed that is a function of (global seed, epoch, batch index in the epoch, rank) only."""
     state = np.random.SeedSequence([int(seed) & (2**64 - 1), epoch, batch, rank, 0x57E9]).generate_state(2, np.uint32)
@@ -118,6 +121,9 @@ class BackboneTask(L.LightningModule):
     def configure_optimizers(self) -> Dict[str, Any]:
         hp = self.hparams
         lr = self.learning_rate
+        # build_optimizer reads trainer.estimated_stepping_batches, which makes the first train iterator
+        self._preseeded_epoch = getattr(self, "_start_epoch", 0)
+        self._reseed(self._preseeded_epoch)
         groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
                               layer_decay=hp.layer_decay)
         return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
@@ -176,21 +182,38 @@ class BackboneTask(L.LightningModule):
     def on_fit_start(self) -> None:
         self._apply_freeze()
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Exact resume: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, batch index, rank) before every
-        # training batch, so dropout, drop-path and mixup draw the same numbers whether the run started here
-        # or resumed from a checkpoint written at an epoch's end or in its middle (the data modules key
-        # shuffling and augmentation the same way: vitmha.data.sampling).
+    def _reseed(self, epoch: int, batch: int = EPOCH_START) -> None:
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
-            s = step_seed(int(seed), self.current_epoch, batch_idx, self.global_rank)
+            s = step_seed(int(seed), epoch, batch, self.global_rank)
             torch.manual_seed(s)  # also seeds every CUDA device
             random.seed(s)
             np.random.seed(s % 2**32)
 
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # the epoch a resumed fit starts at: epochs whose training part ran (end-of-epoch checkpoints)
+        try:
+            self._start_epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+        except (KeyError, TypeError):
+            self._start_epoch = int(checkpoint.get("epoch", 0))
+
     def on_train_epoch_start(self) -> None:
+        # Exact resume, 1: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, rank) right before the train
+        # loader is iterated, so a plain DataLoader(shuffle=True) and its worker seeds are a function of
+        # (seed, epoch) too (vitmha's data modules do not need it: their keys carry the epoch). Lightning
+        # iterates the loader after this hook, except in a fit's first epoch, whose iterator is made when
+        # configure_optimizers asks for the number of steps; that epoch is seeded there.
+        if self.current_epoch != getattr(self, "_preseeded_epoch", None):
+            self._reseed(self.current_epoch)
+        self._preseeded_epoch = None
         self._apply_freeze()
         self.skipped_batches = 0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Exact resume, 2: reseeded again before every training batch from (seed, epoch, batch index, rank),
+        # so dropout, drop-path and mixup draw the same numbers whether the run started here or resumed
+        # from a checkpoint written at an epoch's end or in its middle.
+        self._reseed(self.current_epoch, batch_idx)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.nonfinite == "skip":
