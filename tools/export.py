@@ -4,6 +4,7 @@
     python tools/export.py --checkpoint last.ckpt --format onnx --output model.onnx
     python tools/export.py --checkpoint last.ckpt --format torchscript --output model.pt
     python tools/export.py --checkpoint last.ckpt --format safetensors --output backbone.safetensors
+    python tools/export.py --checkpoint last.ckpt --format peft --output lora.safetensors
 
 ``onnx`` and ``torchscript`` hold the whole task model: input the normalised image batch (B, 3, S, S) that
 the LightningModule's ``forward`` takes (S = the training image size, B free), output its logits
@@ -11,6 +12,13 @@ the LightningModule's ``forward`` takes (S = the training image size, B free), o
 PyTorch on a batch of 3 random inputs and the largest difference printed. ``safetensors`` holds the ViT
 backbone in timm's key layout, loadable by ``timm.create_model(..., pretrained=True,
 pretrained_cfg_overlay=dict(file=...))``; the exact command is printed.
+
+A model fine-tuned with ``peft`` is exported merged: LoRA / DoRA folded into the base weights (the same
+logits), so the ONNX, TorchScript and timm files are plain ViTs (``--no-merge`` keeps the LoRA layers apart
+in ONNX / TorchScript). VPT prompts and adapters cannot be merged: ONNX and TorchScript hold them as they
+are, and a timm ``safetensors`` file is refused. ``peft`` writes only the trained parameters (LoRA factors,
+head, ...: a few hundred KB for ViT-Ti) with the run's hyper-parameters; ``vitmha.peft.task_from_trainable``
+rebuilds the task from them on the base weights.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from torch import nn  # noqa: E402
 
 from vitmha.inference import (ToolError, backbone_of, load_task, preprocess_config, read_checkpoint,  # noqa: E402
                               run_tool, task_kind)
+from vitmha.peft import merge_peft, parameter_counts, save_trainable, trainable_state_dict  # noqa: E402
 
 OPSET = 17
 TOLERANCE = 1e-4
@@ -153,6 +162,21 @@ def timm_command(arch: str, path: Path, overrides: Dict[str, Any]) -> str:
     return f"timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay={overlay}{args})"
 
 
+def export_trainable(task: nn.Module, path: Path, hparams: Dict[str, Any]) -> Dict[str, Any]:
+    """The parameters the run trained (with the values the task evaluates with) and the run's ``hparams`` (the
+    checkpoint's, which name the base weights: ``task`` was loaded without them), as .safetensors. Returns
+    {"tensors", "params", "bytes", "backbone_params"} (the last: the plain backbone's parameter count)."""
+    if task.peft_spec is None:
+        raise ToolError(f"{path}: the checkpoint was trained without peft (every weight was trained); export it "
+                        "with --format safetensors")
+    tensors = trainable_state_dict(task.model, values=task.inference_model)
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    class_path = f"{type(task).__module__}.{type(task).__name__}"
+    save_trainable(tensors, path, {"task": class_path, "peft": task.peft_spec.to_dict(), "hyper_parameters": hparams})
+    return {"tensors": len(tensors), "params": sum(t.numel() for t in tensors.values()),
+            "bytes": path.stat().st_size, "backbone_params": parameter_counts(task.backbone_module())["base"]}
+
+
 def export_safetensors(task: nn.Module, path: Path) -> Dict[str, Any]:
     """The backbone (with its head for a classifier) in timm's key layout; returns the timm command."""
     from vitmha.models import save_timm_safetensors
@@ -167,11 +191,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tools/export.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
-    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript"))
+    p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "peft"),
+                   help="peft: only the parameters a peft run trained, with its hyper-parameters")
     p.add_argument("--output", required=True, help="file to write (its folder is created)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input side of the exported graph (default: the training image size)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET}, at least 17)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="onnx / torchscript: keep LoRA / DoRA layers apart instead of merged into the weights")
     return p.parse_args(argv)
 
 
@@ -180,10 +207,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     if args.opset < 17:
         raise ToolError(f"--opset must be >= 17, got {args.opset}")
+    if args.no_merge and args.format in ("safetensors", "peft"):
+        what = "plain timm weights (merged)" if args.format == "safetensors" else "the unmerged parameters"
+        raise ToolError(f"--no-merge applies to onnx and torchscript; --format {args.format} writes {what}")
     ckpt = read_checkpoint(args.checkpoint)
     task = load_task(args.checkpoint, ckpt=ckpt)
-    size = args.image_size or preprocess_config(task, ckpt).image_size
     out = Path(args.output)
+    if args.format == "peft":
+        info = export_trainable(task, out, ckpt.get("hyper_parameters") or {})
+        share = 100 * info["params"] / info["backbone_params"]
+        print(f"wrote {out}: the {info['tensors']} tensors the run trained, {info['params']:,} parameters "
+              f"({share:.2f} % of the backbone's), {info['bytes'] / 1024:.0f} KB. Rebuild the task on its base "
+              f"weights:\n\n    from vitmha.peft import task_from_trainable\n"
+              f"    task = task_from_trainable({str(out)!r})\n")
+        return info
+    if not args.no_merge:  # what is exported is what the task evaluates with: its EMA copy when it keeps one
+        # a timm file cannot hold prompts or adapters: refused (PeftError) rather than written without them
+        merge_peft(task.inference_model, strict=args.format == "safetensors")
+    size = args.image_size or preprocess_config(task, ckpt).image_size
     if args.format == "onnx":
         info = export_onnx(task, out, size, args.opset)
         print(f"wrote {out}: input 'input' (batch, 3, {size}, {size}), output 'logits'; {info['attention']} "

@@ -6,7 +6,7 @@ from vitmha.models import VisionTransformer, create_backbone
 __version__ = "0.1.0"
 __all__ = ["VisionTransformer", "create_backbone", "__version__"]
 
-_LAZY = ("tasks", "data", "heads", "models", "inference", "visualize", "reports", "callbacks", "cli")
+_LAZY = ("tasks", "data", "heads", "models", "peft", "inference", "visualize", "reports", "callbacks", "cli")
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """What the classification and segmentation tasks share: building the backbone, optimiser and
-schedule, linear probing / late unfreezing, weight EMA, per-step reseeding for exact resume, and the
-non-finite loss policy. Subclasses define ``__init__`` (their typed signature is the CLI), set
-``self.model`` (everything that is trained; the EMA follows it) and ``self.ema`` and implement the steps."""
+schedule, linear probing / late unfreezing, parameter-efficient fine-tuning (``peft``), weight EMA,
+per-step reseeding for exact resume, and the non-finite loss policy. Subclasses define ``__init__`` (their
+typed signature is the CLI), set ``self.model`` (everything that is trained; the EMA follows it) and
+``self.ema`` and implement the steps."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitmha.peft import PeftError, PeftSpec, parse_peft
 from vitmha.tasks.ema import ModelEma
 from vitmha.tasks.optim import SCHEDULERS, build_optimizer, param_groups
 
@@ -43,7 +45,8 @@ def build_backbone(name: str, pretrained: Union[bool, str], backbone_kwargs: Opt
 
 
 def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
-    """1e-4 when fine-tuning pretrained weights end to end, 1e-3 from scratch or for a linear probe (with
+    """1e-4 when fine-tuning pretrained weights end to end, 1e-3 from scratch or when the backbone's weights
+    are frozen (``freeze_backbone``: a linear probe, or PEFT, which trains few, freshly added parameters) (with
     the default gradient clipping at norm 1.0 and big_vision's init; without them 1e-3 made a small ViT
     trained from scratch collapse to chance)."""
     return 1e-4 if (not from_scratch(pretrained) and not freeze_backbone) else 1e-3
@@ -60,7 +63,8 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
 
 class BackboneTask(L.LightningModule):
     """Base class; expects hparams ``lr, weight_decay, layer_decay, warmup_epochs, warmup_steps, min_lr,
-    scheduler, freeze_backbone, freeze_blocks, unfreeze_at_epoch, ema_decay, nonfinite, pretrained``."""
+    scheduler, freeze_backbone, freeze_blocks, unfreeze_at_epoch, ema_decay, nonfinite, pretrained`` and
+    optionally ``peft``."""
 
     model: nn.Module
     ema: Optional[ModelEma]
@@ -75,7 +79,15 @@ class BackboneTask(L.LightningModule):
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {hp.scheduler!r}")
         if hp.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {hp.nonfinite!r}")
-        if hp.unfreeze_at_epoch is not None and not hp.freeze_backbone:
+        #: the checked ``peft`` spec; None for plain fine-tuning (``peft`` None or ``{method: full}``)
+        self.peft_spec: Optional[PeftSpec] = parse_peft(hp.get("peft"))
+        if self.uses_peft:
+            for key, on in (("freeze_backbone", hp.freeze_backbone), ("freeze_blocks", hp.get("freeze_blocks")),
+                            ("unfreeze_at_epoch", hp.unfreeze_at_epoch is not None)):
+                if on:
+                    raise PeftError(f"peft.method {self.peft_spec.method} freezes the backbone itself; "
+                                    f"{key} does not apply (use peft {{method: linear_probe}} or full fine-tuning)")
+        if hp.unfreeze_at_epoch is not None and not self.freezes_backbone:
             raise ValueError("unfreeze_at_epoch needs freeze_backbone=True")
         if int(hp.get("freeze_blocks") or 0) < 0:
             raise ValueError(f"freeze_blocks must be >= 0, got {hp.freeze_blocks}")
@@ -83,6 +95,18 @@ class BackboneTask(L.LightningModule):
             raise ValueError(f"layer_decay must be in (0, 1], got {hp.layer_decay}")
         self.skipped_batches = 0
         self._backbone_frozen = False
+
+    @property
+    def freezes_backbone(self) -> bool:
+        """A linear probe: ``freeze_backbone``, or ``peft: {method: linear_probe}``, which means the same."""
+        spec = getattr(self, "peft_spec", None)
+        return bool(self.hparams.freeze_backbone) or (spec is not None and spec.method == "linear_probe")
+
+    @property
+    def uses_peft(self) -> bool:
+        """A PEFT method (lora, dora, bitfit, vpt, adapter): what trains was fixed when the task was built."""
+        spec = getattr(self, "peft_spec", None)
+        return spec is not None and spec.method != "linear_probe"
 
     # ----------------------------------------------------------------- subclass hooks
     def backbone_module(self) -> nn.Module:
@@ -116,7 +140,7 @@ class BackboneTask(L.LightningModule):
     @property
     def learning_rate(self) -> float:
         hp = self.hparams
-        return hp.lr if hp.lr is not None else default_lr(hp.pretrained, hp.freeze_backbone)
+        return hp.lr if hp.lr is not None else default_lr(hp.pretrained, self.freezes_backbone or self.uses_peft)
 
     def configure_optimizers(self) -> Dict[str, Any]:
         hp = self.hparams
@@ -125,7 +149,7 @@ class BackboneTask(L.LightningModule):
         self._preseeded_epoch = getattr(self, "_start_epoch", 0)
         self._reseed(self._preseeded_epoch)
         groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
-                              layer_decay=hp.layer_decay)
+                              layer_decay=hp.layer_decay, trainable_only=self.uses_peft)
         return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
                                warmup_steps=hp.warmup_steps, min_lr=hp.min_lr)
 
@@ -157,9 +181,11 @@ class BackboneTask(L.LightningModule):
 
     # ----------------------------------------------------------------- freezing
     def _apply_freeze(self) -> None:
+        if self.uses_peft:  # apply_peft set requires_grad when the task was built; it stays so
+            return
         hp = self.hparams
-        frozen = bool(hp.freeze_backbone) and (hp.unfreeze_at_epoch is None
-                                               or self.current_epoch < hp.unfreeze_at_epoch)
+        frozen = self.freezes_backbone and (hp.unfreeze_at_epoch is None
+                                            or self.current_epoch < hp.unfreeze_at_epoch)
         for p in self.frozen_parameters():
             p.requires_grad_(not frozen)
         n = int(hp.get("freeze_blocks") or 0)

@@ -11,6 +11,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import (MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score,
                                          MulticlassPrecision, MulticlassRecall)
 
+from vitmha.peft import apply_peft
 from vitmha.tasks.base import BackboneTask, build_backbone
 from vitmha.tasks.ema import ModelEma
 from vitmha.tasks.mixup import Mixup
@@ -70,6 +71,12 @@ class ImageClassifier(BackboneTask):
         nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip``
             skips the batch and logs ``train/skipped_batches`` (single device only: under DDP the ranks
             would disagree).
+        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``:
+            methods ``lora``/``dora`` (keys r, alpha, targets of q k v proj fc1 fc2, dropout, rslora,
+            norms), ``bitfit`` (norms), ``vpt`` (tokens, dropout, norms), ``adapter`` (hidden, scale,
+            dropout, norms), ``linear_probe`` (= freeze_backbone) and ``full``; the backbone is frozen but
+            the method's parameters and the head (and the norms with ``norms: true``); see vitmha.peft.
+            None = full fine-tuning.
     """
 
     task = "classification"
@@ -101,6 +108,7 @@ class ImageClassifier(BackboneTask):
         grad_checkpointing: bool = False,
         grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
+        peft: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -108,6 +116,7 @@ class ImageClassifier(BackboneTask):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.model = build_backbone(backbone, pretrained, backbone_kwargs, drop_path_rate, num_classes=num_classes)
+        apply_peft(self.model, self.peft_spec)
         self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)

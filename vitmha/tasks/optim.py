@@ -16,6 +16,16 @@ def _skip_weight_decay(name: str, param: torch.Tensor, no_decay_names: Iterable[
     return param.ndim <= 1 or name.endswith(".bias") or name in no_decay_names
 
 
+def _no_weight_decay_names(module: nn.Module) -> set:
+    """Parameter names (relative to ``module``) that ``module`` or any of its submodules lists in its
+    ``no_weight_decay()`` (the ViT its tokens, PEFT's prompts their tokens)."""
+    names = set()
+    for prefix, m in module.named_modules():
+        if hasattr(m, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
+    return names
+
+
 def param_groups(
     backbone: nn.Module,
     extra_modules: Sequence[nn.Module] = (),
@@ -23,15 +33,18 @@ def param_groups(
     lr: float,
     weight_decay: float,
     layer_decay: float = 1.0,
+    trainable_only: bool = False,
 ) -> List[Dict[str, Any]]:
     """AdamW parameter groups for a backbone plus head/decoder modules.
 
     Backbone params get ``lr * layer_decay ** (num_layer_ids - 1 - backbone.param_layer_id(name))``;
-    ``extra_modules`` (heads, decoders) get scale 1.0. Params that are 1-D, named ``*.bias`` or listed in
-    ``backbone.no_weight_decay()`` get weight decay 0. Each group carries ``lr_scale`` and a ``name``
-    such as ``"layer_3_decay"``. Frozen params are included so that unfreezing later needs no new optimizer.
+    ``extra_modules`` (heads, decoders) get scale 1.0. Params that are 1-D, named ``*.bias`` or listed by
+    ``no_weight_decay()`` of the backbone or one of its submodules get weight decay 0. Each group carries
+    ``lr_scale`` and a ``name`` such as ``"layer_3_decay"``. Frozen params are included so that unfreezing
+    later needs no new optimizer, unless ``trainable_only`` (PEFT: what is frozen stays frozen, and no
+    weight decay or lr scale is ever attached to it).
     """
-    no_decay_names = set(backbone.no_weight_decay()) if hasattr(backbone, "no_weight_decay") else set()
+    no_decay_names = _no_weight_decay_names(backbone)
     use_layers = layer_decay != 1.0
     if use_layers and not (hasattr(backbone, "param_layer_id") and hasattr(backbone, "num_layer_ids")):
         raise TypeError(f"layer_decay={layer_decay} needs a backbone with param_layer_id()/num_layer_ids, "
@@ -50,6 +63,8 @@ def param_groups(
         groups[key]["param_names"].append(name)
 
     for name, p in backbone.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
         layer_id = backbone.param_layer_id(name) if use_layers else 0
         scale = layer_decay ** (num_layers - 1 - layer_id)
         add(f"layer_{layer_id}", scale, name, p, _skip_weight_decay(name, p, no_decay_names))
@@ -57,7 +72,7 @@ def param_groups(
     seen = {id(p) for p in backbone.parameters()}
     for i, module in enumerate(extra_modules):
         for name, p in module.named_parameters():
-            if id(p) in seen:
+            if id(p) in seen or (trainable_only and not p.requires_grad):
                 continue
             seen.add(id(p))
             add("head", 1.0, f"extra{i}.{name}", p, _skip_weight_decay(name, p, ()))

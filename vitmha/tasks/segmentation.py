@@ -10,6 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitmha.heads.segmentation import HEADS, build_head, run_head
+from vitmha.peft import apply_peft
 from vitmha.tasks.base import BackboneTask, build_backbone
 from vitmha.tasks.ema import ModelEma
 
@@ -137,6 +138,12 @@ class SemanticSegmenter(BackboneTask):
             ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
         nonfinite: on a NaN/inf training loss, ``error`` raises naming epoch and step; ``skip`` skips the
             batch and logs ``train/skipped_batches``.
+        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``:
+            methods ``lora``/``dora`` (keys r, alpha, targets of q k v proj fc1 fc2, dropout, rslora,
+            norms), ``bitfit`` (norms), ``vpt`` (tokens, dropout, norms), ``adapter`` (hidden, scale,
+            dropout, norms), ``linear_probe`` (= freeze_backbone) and ``full``; the backbone is frozen but
+            the method's parameters and the head (and the norms with ``norms: true``); see vitmha.peft.
+            None = full fine-tuning.
     """
 
     task = "segmentation"
@@ -170,6 +177,7 @@ class SemanticSegmenter(BackboneTask):
         grad_checkpointing: bool = False,
         grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
+        peft: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -183,7 +191,7 @@ class SemanticSegmenter(BackboneTask):
         if 0 <= ignore_index < num_classes:
             raise ValueError(f"ignore_index {ignore_index} is a class index (num_classes={num_classes})")
         kwargs = {"dynamic_img_size": True, **(backbone_kwargs or {})}
-        bb = build_backbone(backbone, pretrained, kwargs, drop_path_rate, num_classes=0)
+        bb = apply_peft(build_backbone(backbone, pretrained, kwargs, drop_path_rate, num_classes=0), self.peft_spec)
         if grad_checkpointing:
             bb.set_grad_checkpointing(True)
         self.model = SegmentationModel(bb, build_head(head, bb, num_classes, **(head_kwargs or {})))
