@@ -375,8 +375,8 @@ def _write_config(path: Path, task: str, peft: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("task, method", [("classification", "lora"), ("classification", "bitfit"),
-                                          ("segmentation", "lora"), ("segmentation", "vpt")])
+@pytest.mark.parametrize("method", ["lora", "dora", "bitfit", "vpt", "adapter"])
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
 def test_tools_train_runs_a_peft_config(tmp_path, task, method):
     config = _write_config(tmp_path / "peft.yaml", task, METHODS[method])
     load_tool("train").main(["--config", str(config)])
