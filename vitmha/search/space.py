@@ -102,12 +102,17 @@ def _number(key: str, name: str, value: Any) -> float:
     return value
 
 
+def _reject_unknown(where: str, given: dict, allowed: set, what: str) -> None:
+    """SearchError naming the keys of ``given`` that are not in ``allowed``."""
+    unknown = sorted(set(given) - allowed)
+    if unknown:
+        raise SearchError(f"{where}: unknown {what} {unknown}; expected any of {sorted(allowed)}")
+
+
 def _parse_param(key: str, spec: Any) -> Param:
     if not isinstance(spec, dict):
         raise SearchError(f"{key}: expected a mapping such as {{type: float, low: 1e-4, high: 1e-2}}, got {spec!r}")
-    unknown = sorted(set(spec) - _SPEC_KEYS)
-    if unknown:
-        raise SearchError(f"{key}: unknown field(s) {unknown}; expected any of {sorted(_SPEC_KEYS)}")
+    _reject_unknown(key, spec, _SPEC_KEYS, "field(s)")
     kind = spec.get("type")
     if kind not in TYPES:
         raise SearchError(f"{key}: type must be one of {list(TYPES)}, got {kind!r}")
@@ -267,9 +272,7 @@ def parse_space(doc: Any, source: str = "search space") -> SearchSpace:
     """A :class:`SearchSpace` from the parsed YAML ``doc``; raises SearchError naming the bad key."""
     if not isinstance(doc, dict):
         raise SearchError(f"{source}: expected a mapping with a 'space:' section")
-    unknown = sorted(set(doc) - _TOP_KEYS)
-    if unknown:
-        raise SearchError(f"{source}: unknown section(s) {unknown}; expected any of {sorted(_TOP_KEYS)}")
+    _reject_unknown(source, doc, _TOP_KEYS, "section(s)")
     space = doc.get("space")
     if not isinstance(space, dict) or not space:
         raise SearchError(f"{source}: 'space:' must map dotted config keys to {{type: ...}} specs")
