@@ -185,19 +185,23 @@ def test_sigkill_mid_trial_then_rerun_completes_the_study(tmp_path):
 
 def test_diverging_trial_fails_and_the_study_goes_on(tmp_path, capsys):
     search = write_space(tmp_path / "space.yaml", {LR: {"type": "categorical", "choices": [1e-3, 1e30]}},
-                         pruner="none")
+                         pruner="none", budget={"trainer.max_epochs": 1})
     out = tmp_path / "study"
     out.mkdir()
     study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="study", direction="maximize")
     study.enqueue_trial({LR: 1e30})
     study.enqueue_trial({LR: 1e-3})
-    load_tool("tune").main(tune_args(tmp_path, search, out, 2))
+    load_tool("tune").main(tune_args(tmp_path, search, out, 2, "--trainer.max_epochs", "3"))
     rows = {r[LR]: r for r in trial_rows(out)}
     assert rows["1e+30"]["state"] == "FAIL" and "non-finite" in rows["1e+30"]["reason"]
     assert rows["0.001"]["state"] == "COMPLETE" and float(rows["0.001"]["val/acc"]) > 0
     assert "failed 1" in capsys.readouterr().out
     best = yaml.safe_load((out / "best.yaml").read_text())
     assert best["model"]["init_args"]["lr"] == 1e-3 and best["trainer"]["default_root_dir"] == str(out / "best")
+    # the trials ran the 1-epoch budget; best.yaml trains the config's 3 epochs
+    trial = yaml.safe_load(next((out / "trials").glob("*/config.yaml")).read_text())
+    assert trial["trainer"]["max_epochs"] == 1 and best["trainer"]["max_epochs"] == 3
+    assert "search budget trainer.max_epochs=1" in (out / "best.yaml").read_text()
 
 
 @pytest.mark.parametrize("name", ["quickstart_hparams", "quickstart_arch"])

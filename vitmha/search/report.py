@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from vitmha.search.space import get_key, set_key
+
 __all__ = ["write_trials_csv", "write_best_configs", "write_plots", "best_trials"]
 
 
@@ -63,10 +65,14 @@ def _header(t: Any, metrics: Sequence[str], command: str, note: str) -> str:
             f"# searched: " + ", ".join(f"{k}={v!r}" for k, v in t.params.items()) + "\n")
 
 
-def write_best_configs(study: Any, output: str, metrics: Sequence[str]) -> List[str]:
+def write_best_configs(study: Any, output: str, metrics: Sequence[str],
+                       restore: Optional[Dict[str, Any]] = None) -> List[str]:
     """best.yaml (and, for several objectives, pareto/trial_NNNN.yaml per Pareto-optimal trial): each the
-    complete config the trial trained with, its runs going to ``<output>/best`` (or ``pareto/trial_NNNN``)."""
+    complete config the trial trained with, its runs going to ``<output>/best`` (or ``pareto/trial_NNNN``).
+    ``restore`` maps the search's trial-only ``budget`` keys to the training config's own values (None: the
+    key was not set there), so the written config trains on the full schedule with the values found."""
     trials = best_trials(study)
+    restore = restore or {}
     written = []
     for rank, t in enumerate(trials):
         src = os.path.join(t.user_attrs.get("run_root", ""), "config.yaml")
@@ -74,11 +80,20 @@ def write_best_configs(study: Any, output: str, metrics: Sequence[str]) -> List[
             continue
         with open(src) as f:
             config = yaml.safe_load(f)
+        t_note = ", ".join(f"{k}={get_key(config, k, None)!r}" for k in restore)
+        for key, value in restore.items():
+            _put_back(config, key, value)
+        if restore:
+            full = ", ".join(f"{k}={v!r}" for k, v in restore.items())
+            budget_note = f"\n# found with the search budget {t_note}; this config has the training config's {full}"
+        else:
+            budget_note = ""
         if rank == 0:
             path = os.path.join(output, "best.yaml")
             root = os.path.join(output, "best")
             note = ("the best trial" if len(metrics) == 1 else
                     f"of the {len(trials)} Pareto-optimal trials, the best by {metrics[0]} (all in pareto/)")
+            note += budget_note
             _write_config(path, config, root, _header(t, metrics, f"python tools/train.py --config {path}", note))
             written.append(path)
         if len(metrics) > 1:
@@ -86,9 +101,22 @@ def write_best_configs(study: Any, output: str, metrics: Sequence[str]) -> List[
             root = os.path.join(output, "pareto", f"trial_{t.number:04d}")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             _write_config(path, config, root, _header(t, metrics, f"python tools/train.py --config {path}",
-                                                      "a Pareto-optimal trial"))
+                                                      "a Pareto-optimal trial" + budget_note))
             written.append(path)
     return written
+
+
+def _put_back(config: Dict[str, Any], key: str, value: Any) -> None:
+    """Set dotted ``key`` to ``value``, or remove it when ``value`` is None (the default applies)."""
+    if value is not None:
+        set_key(config, key, value)
+        return
+    *heads, last = key.split(".")
+    node = config
+    for h in heads:
+        node = node.get(h) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def _write_config(path: str, config: Dict[str, Any], root: str, header: str) -> None:

@@ -4,7 +4,8 @@ A space file (``configs/search/*.yaml``) holds::
 
     directions: [val/acc:maximize]            # optional; --directions wins
     pruner: {type: median, n_warmup_steps: 4} # median | hyperband | none
-    fixed: {trainer.max_epochs: 15}           # set in every trial (and in best.yaml)
+    fixed: {data.init_args.batch_size: 64}    # set in every trial and in best.yaml
+    budget: {trainer.max_epochs: 12}          # set in every trial only: best.yaml keeps the config's value
     space:
       model.init_args.lr: {type: float, low: 3.0e-4, high: 3.0e-3, log: true}
       model.init_args.backbone_kwargs.num_heads: {type: categorical, choices: [2, 4]}
@@ -239,6 +240,7 @@ class SearchSpace:
     params: List[Param]
     constraints: List[Constraint] = field(default_factory=list)
     fixed: Dict[str, Any] = field(default_factory=dict)
+    budget: Dict[str, Any] = field(default_factory=dict)    # trial-only overrides (a shorter schedule)
     directions: List[str] = field(default_factory=list)
     pruner: Dict[str, Any] = field(default_factory=lambda: {"type": "median"})
     max_gflops: Optional[float] = None
@@ -246,9 +248,9 @@ class SearchSpace:
     sampler: Dict[str, Any] = field(default_factory=dict)   # TPESampler / NSGAIISampler keyword arguments
 
     def apply(self, config: Dict[str, Any], values: Dict[str, Any]) -> Dict[str, Any]:
-        """A copy of ``config`` with the ``fixed`` overrides and the searched ``values`` set."""
+        """A copy of ``config`` with the ``fixed`` and ``budget`` overrides and the searched ``values`` set."""
         out = copy.deepcopy(config)
-        for key, value in self.fixed.items():
+        for key, value in {**self.fixed, **self.budget}.items():
             set_key(out, key, value)
         by_key = {p.key: p for p in self.params}
         for key, value in values.items():
@@ -265,7 +267,7 @@ class SearchSpace:
         return None
 
 
-_TOP_KEYS = {"space", "constraints", "fixed", "directions", "pruner", "sampler", "max_gflops", "max_params"}
+_TOP_KEYS = {"space", "constraints", "fixed", "budget", "directions", "pruner", "sampler", "max_gflops", "max_params"}
 
 
 def parse_space(doc: Any, source: str = "search space") -> SearchSpace:
@@ -289,9 +291,14 @@ def parse_space(doc: Any, source: str = "search space") -> SearchSpace:
     fixed = doc.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise SearchError(f"{source}: fixed must map dotted config keys to values")
-    for k in fixed:
+    budget = doc.get("budget") or {}
+    if not isinstance(budget, dict):
+        raise SearchError(f"{source}: budget must map dotted config keys to values")
+    for k in list(fixed) + list(budget):
         if k in targets:
-            raise SearchError(f"{k}: both fixed and searched")
+            raise SearchError(f"{k}: both {'fixed' if k in fixed else 'budget'} and searched")
+    for k in set(fixed) & set(budget):
+        raise SearchError(f"{k}: both fixed and budget")
     directions = doc.get("directions") or []
     directions = [directions] if isinstance(directions, str) else list(directions)
     pruner = doc.get("pruner", "median")
@@ -299,8 +306,8 @@ def parse_space(doc: Any, source: str = "search space") -> SearchSpace:
     sampler = doc.get("sampler") or {}
     if not isinstance(sampler, dict):
         raise SearchError(f"{source}: sampler must map keyword arguments of the Optuna sampler to values")
-    return SearchSpace(params, [Constraint(str(c)) for c in constraints], dict(fixed), directions, pruner,
-                       doc.get("max_gflops"), doc.get("max_params"), dict(sampler))
+    return SearchSpace(params, [Constraint(str(c)) for c in constraints], dict(fixed), dict(budget), directions,
+                       pruner, doc.get("max_gflops"), doc.get("max_params"), dict(sampler))
 
 
 def combinations(params: Sequence[Param], limit: int = 4096) -> List[Dict[str, Any]]:

@@ -191,12 +191,13 @@ def check_space(parser: Any, cands: Candidates) -> None:
     type does not accept, a backbone argument the architecture does not take, a constraint over unknown keys,
     or a value with which no combination of the other searched values builds a valid model."""
     space, base = cands.space, cands.base
-    for key, value in space.fixed.items():
-        cfg = copy.deepcopy(base)
-        set_key(cfg, key, value)
-        reason = _parser_check(parser, cfg)
-        if reason:
-            raise SearchError(f"fixed: {key}={value!r}: {reason}")
+    for section, values in (("fixed", space.fixed), ("budget", space.budget)):
+        for key, value in values.items():
+            cfg = copy.deepcopy(base)
+            set_key(cfg, key, value)
+            reason = _parser_check(parser, cfg)
+            if reason:
+                raise SearchError(f"{section}: {key}={value!r}: {reason}")
     for p in space.params:
         for target in p.keys:
             head, _, _ = target.rpartition(".")
@@ -352,6 +353,8 @@ def run_study(opts: StudyOptions) -> Any:
     need_cost = any(m in ("gflops", "params") for m in metrics)
     cands = Candidates(opts.space, base, opts.max_gflops, opts.max_params, need_cost)
     check_space(parser, cands)
+    # what best.yaml puts back for the trial-only budget keys: the training config's own values
+    restore = {k: get_key(base, k, None) for k in opts.space.budget}
 
     os.makedirs(opts.output, exist_ok=True)
     url = opts.storage or "sqlite:///" + os.path.abspath(os.path.join(opts.output, "study.db"))
@@ -416,15 +419,15 @@ def run_study(opts: StudyOptions) -> Any:
                 continue
             rejected_in_a_row = 0
             _run_trial(study, storage, trial, config, cost, opts, pruner_spec)
-            _write_results(study, opts, metrics, param_keys)
+            _write_results(study, opts, metrics, param_keys, restore)
             say(_progress(study, metrics, opts.n_trials, me))
     except (_Stop, KeyboardInterrupt) as e:
         say(f"search stopped ({e or 'interrupted'}): rerun the same command to continue")
-        _write_results(study, opts, metrics, param_keys, plots=True)
+        _write_results(study, opts, metrics, param_keys, restore, plots=True)
         raise SystemExit(143 if isinstance(e, _Stop) else 130) from None
     finally:
         signal.signal(signal.SIGTERM, old)
-    files = _write_results(study, opts, metrics, param_keys, plots=True)
+    files = _write_results(study, opts, metrics, param_keys, restore, plots=True)
     say(_summary(study, metrics, opts.output, files, time.time() - t_start))
     return study
 
@@ -502,10 +505,10 @@ def _run_trial(study: Any, storage: Any, trial: Any, config: Dict[str, Any], cos
 
 
 def _write_results(study: Any, opts: StudyOptions, metrics: List[str], param_keys: List[str],
-                   plots: bool = False) -> Dict[str, str]:
+                   restore: Dict[str, Any], plots: bool = False) -> Dict[str, str]:
     write_trials_csv(study, os.path.join(opts.output, "trials.csv"), metrics, param_keys)
     files = {"trials": os.path.join(opts.output, "trials.csv")}
-    best = write_best_configs(study, opts.output, metrics)
+    best = write_best_configs(study, opts.output, metrics, restore)
     if best:
         files["best"] = best[0]
         if len(best) > 1:
