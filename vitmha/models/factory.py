@@ -5,21 +5,31 @@ import os
 from typing import Any, Mapping, Union
 
 from vitmha.models.config import arch_config, pretrained_cfg, split_name
+from vitmha.models.features import FEATURE_KWARGS, FeatureBackbone
 from vitmha.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 from vitmha.models.weights import load_into, resolve_pretrained_file
 
 Pretrained = Union[bool, str, os.PathLike, Mapping]
 
 
-def create_backbone(name: str, pretrained: Pretrained = False, **overrides: Any) -> VisionTransformer:
+def create_backbone(name: str, pretrained: Pretrained = False,
+                    **overrides: Any) -> Union[VisionTransformer, FeatureBackbone]:
     """Build timm arch `name` ('arch' or 'arch.tag') as a vitmha VisionTransformer.
 
     `overrides` are timm.create_model's (img_size, num_classes, global_pool, depth, drop_path_rate,
     dynamic_img_size, ...). `pretrained`: False (random init), True (timm's pretrained weights from the local
     hub cache), a path (.safetensors, .pth/.pt/.bin, .npz) or a state dict. Raises WeightsError when weights
     cannot be read or do not fit, UnsupportedArchError for timm archs vitmha does not reproduce.
+    `features_only=True` (with `out_indices`, `pyramid`, `pyramid_channels`) returns a FeatureBackbone whose
+    forward gives a list of NCHW maps, as timm's features_only.
     """
     fused_attn = overrides.pop("fused_attn", True)
+    features_only = overrides.pop("features_only", False)    # timm's: wrap as a FeatureBackbone (maps out)
+    feature_kwargs = {k: overrides.pop(k) for k in FEATURE_KWARGS if k in overrides}
+    if feature_kwargs and not features_only:
+        raise ValueError(f"{', '.join(sorted(feature_kwargs))} need features_only=True")
+    if features_only:
+        overrides.setdefault("num_classes", 0)               # the head is dropped: no head-shape warning
     weight_init = overrides.get("weight_init") or "timm"      # timm's modes: '', 'jax', 'jax_nlhb', 'moco'
     weight_init = "jax" if weight_init.startswith("jax") else "timm"
     cfg = arch_config(name, **overrides)
@@ -37,4 +47,6 @@ def create_backbone(name: str, pretrained: Pretrained = False, **overrides: Any)
         load_into(model, resolve_pretrained_file(name))
     elif pretrained:
         load_into(model, pretrained)
+    if features_only:
+        return FeatureBackbone(model, **feature_kwargs)
     return model
