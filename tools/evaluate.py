@@ -9,6 +9,15 @@ left out) and writes, for a classifier: confusion_matrix.png/.csv, per_class.csv
 support, AUROC), roc_curves.png (one-vs-rest), auroc.json, summary.json; for a segmenter:
 per_class_iou.csv, confusion_matrix.png/.csv, samples.png (image | truth | prediction), summary.json.
 summary.json holds the metrics exactly as the task logs them (``val/acc``, ``test/miou``, ...).
+
+With ``--robustness`` it also writes robustness.csv and robustness.png: accuracy (classifier) or mIoU
+(segmenter) on the first ``--robustness_subset`` samples of the split (default 256 images, 64 for a
+segmenter; 0 = all), clean, under Gaussian noise, Gaussian blur, JPEG, brightness and contrast (severity
+levels 1, 3, 5 of 5; all five with ``--robustness_full``), and under FGSM and 10-step PGD at ε = 1/255,
+4/255, 16/255 in [0, 1] pixel units (1, 2, 4, 8, 16 /255 with ``--robustness_full``). Corruptions and
+attacks act on the un-normalised pixels; the levels are listed in vitmha/robustness.py.
+
+    python tools/evaluate.py --checkpoint last.ckpt --config configs/quickstart.yaml --split val --output report/ --robustness
 """
 from __future__ import annotations
 
@@ -40,7 +49,47 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=None, help="override the data module's loader workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--samples", type=int, default=6, help="segmentation images drawn in samples.png")
+    r = p.add_argument_group("robustness (vitmha.robustness)")
+    r.add_argument("--robustness", action="store_true",
+                   help="also write robustness.csv/.png: the metric under corruptions and FGSM/PGD attacks")
+    r.add_argument("--robustness_full", "--robustness-full", action="store_true", default=None,
+                   help="5 severity levels and 5 ε instead of 3 and 3")
+    r.add_argument("--robustness_subset", "--robustness-subset", type=int, default=None, metavar="N",
+                   help="the first N samples of the split, the same for every row (default 256 images for a "
+                        "classifier, 64 for a segmenter; 0 = all)")
+    r.add_argument("--robustness_corruptions", "--robustness-corruptions", default=None, metavar="LIST",
+                   help="comma-separated subset of gaussian_noise, gaussian_blur, jpeg, brightness, contrast, "
+                        "fgsm, pgd (default all)")
+    r.add_argument("--robustness_eps", "--robustness-eps", default=None, metavar="LIST",
+                   help="attack ε in [0, 1] pixel units, comma-separated; fractions allowed (e.g. 2/255,8/255)")
+    r.add_argument("--robustness_pgd_steps", "--robustness-pgd-steps", type=int, default=None, metavar="K",
+                   help="PGD steps (default 10, each of ε/4)")
+    r.add_argument("--robustness_seed", "--robustness-seed", type=int, default=None,
+                   help="seed of the noise and of PGD's random start (default 0)")
     return p.parse_args(argv)
+
+
+def robustness_spec(args):
+    """The robustness sweep the options ask for (None without ``--robustness``); ToolError on a bad option."""
+    from vitmha.robustness import RobustnessError, RobustnessSpec
+
+    options = {"full": args.robustness_full, "subset": args.robustness_subset,
+               "perturbations": args.robustness_corruptions, "eps": args.robustness_eps,
+               "pgd_steps": args.robustness_pgd_steps, "seed": args.robustness_seed}
+    if not args.robustness:
+        given = [k for k, v in options.items() if v is not None]
+        if given:
+            flag = "corruptions" if given[0] == "perturbations" else given[0]
+            raise ToolError(f"--robustness_{flag}: only applies with --robustness")
+        return None
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    for key in kwargs:
+        try:
+            RobustnessSpec.create(**{key: kwargs[key]})
+        except RobustnessError as e:
+            flag = "corruptions" if key == "perturbations" else key
+            raise ToolError(f"--robustness_{flag}: {e}") from None
+    return RobustnessSpec.create(**kwargs)
 
 
 def _data_section(args, ckpt: Dict[str, Any]) -> Dict[str, Any]:
@@ -121,6 +170,7 @@ def _import(path: str):
 @run_tool
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    spec = robustness_spec(args)
     import logging
     import warnings
 
@@ -135,6 +185,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     ckpt = read_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     task = load_task(args.checkpoint, ckpt=ckpt)
+    if spec is not None:
+        from vitmha.robustness import RobustnessError, check_task
+
+        try:
+            check_task(task)
+        except RobustnessError as e:
+            raise ToolError(f"{args.checkpoint}: --robustness: {e}") from None
     section = _data_section(args, ckpt)
     for key, value in (("batch_size", args.batch_size), ("num_workers", args.num_workers)):
         if value is not None:
@@ -157,7 +214,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"  {path}")
     for k, v in sorted((result.get("metrics") or {}).items()):
         print(f"  {k} = {v:.4f}")
-    return {"logged": logged, "result": result, "files": report.files}
+    out = {"logged": logged, "result": result, "files": report.files}
+    if spec is not None:
+        out["robustness"] = robustness_report(task, dm, args, spec, device, out["files"])
+    return out
+
+
+def robustness_report(task, dm, args, spec, device, files: Dict[str, Any]):
+    """Run the sweep of ``spec`` on the split's loader, print the table and write robustness.csv/.png."""
+    from vitmha import robustness as rb
+
+    mean, std = getattr(dm, "mean", None), getattr(dm, "std", None)
+    if mean is None or std is None:
+        raise ToolError(f"{args.config or args.checkpoint}: the data module has no mean/std, which --robustness "
+                        "needs to undo the normalisation")
+    loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
+    prefix = "val/" if args.split == "val" else "test/"
+    res = rb.robustness_sweep(task, loader, mean, std, spec, prefix=prefix, device=device)
+    files["robustness_csv"] = rb.write_csv(res, os.path.join(args.output, "robustness.csv"))
+    title = f"{os.path.basename(args.checkpoint)}: {args.split} split, first {res.samples} samples"
+    files["robustness_png"] = rb.save_robustness_plot(res, os.path.join(args.output, "robustness.png"), title=title)
+    print(f"robustness on the first {res.samples} {args.split} samples ({res.seconds:.1f} s; corruptions on "
+          "[0, 1] pixels, ε in [0, 1] pixel units):")
+    print(rb.format_table(res))
+    print(f"  {files['robustness_csv']}\n  {files['robustness_png']}")
+    return res
 
 
 if __name__ == "__main__":
