@@ -200,3 +200,211 @@ def test_from_scratch_uses_big_vision_init_unless_told_otherwise(tmp_path):
     timm_init = ImageClassifier(num_classes=3, backbone_kwargs=dict(img_size=16, patch_size=8, embed_dim=16, depth=1,
                                                                     num_heads=2, weight_init=""))
     assert torch.count_nonzero(timm_init.model.head.weight) > 0
+
+
+# ----------------------------------------------------------------- optimisers: adamw | sgd | lamb
+def _fake_trainer(steps: int = 10):
+    import types
+
+    return types.SimpleNamespace(estimated_stepping_batches=steps, num_training_batches=steps,
+                                 accumulate_grad_batches=1, global_rank=0)
+
+
+@pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_task_builds_the_named_optimizer_over_the_same_groups(name, cls):
+    from vitmha.tasks.optim import Lamb  # noqa: F401 - the third choice, tested against a hand step below
+
+    task = _tiny_task(optimizer=name, momentum=0.8, nesterov=(name == "sgd"), weight_decay=0.05)
+    task._trainer = _fake_trainer()
+    opt = task.configure_optimizers()["optimizer"]
+    assert type(opt) is cls
+    wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    assert wd["blocks.0.norm1.weight"] == 0.0 and wd["head.bias"] == 0.0 and wd["pos_embed"] == 0.0
+    assert wd["blocks.0.attn.qkv.weight"] == 0.05
+    if name == "sgd":
+        assert all(g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
+
+
+def test_sgd_step_equals_torch_sgd_with_l2_decay():
+    from vitmha.tasks.optim import make_optimizer
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, requires_grad=True)
+    ref = w.detach().clone().requires_grad_(True)
+    opt = make_optimizer("sgd", [{"params": [w], "weight_decay": 0.1}], lr=0.5, momentum=0.9, nesterov=True)
+    ref_opt = torch.optim.SGD([ref], lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(3, 4)
+        w.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(w, ref, rtol=0, atol=0)
+
+
+def test_lamb_first_step_matches_a_hand_computed_one():
+    """One LAMB step on a 2x2 weight, by hand: m̂ = g, v̂ = g² after bias correction, so u = g / (|g| + eps)
+    + wd * w elementwise; the step is lr * (‖w‖ / ‖u‖) * u."""
+    from vitmha.tasks.optim import Lamb
+
+    w0 = [[1.0, 2.0], [3.0, 4.0]]
+    g = [[0.1, -0.2], [0.3, 0.4]]
+    lr, wd, eps = 0.1, 0.01, 1e-6
+    u = [[g[i][j] / (abs(g[i][j]) + eps) + wd * w0[i][j] for j in range(2)] for i in range(2)]
+    w_norm = math.sqrt(sum(x * x for row in w0 for x in row))
+    u_norm = math.sqrt(sum(x * x for row in u for x in row))
+    expected = [[w0[i][j] - lr * (w_norm / u_norm) * u[i][j] for j in range(2)] for i in range(2)]
+
+    w = torch.tensor(w0, dtype=torch.float64, requires_grad=True)
+    opt = Lamb([w], lr=lr, weight_decay=wd, eps=eps)
+    w.grad = torch.tensor(g, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-7, atol=1e-7)
+
+
+def test_lamb_without_weight_decay_steps_like_adam_unless_always_adapt():
+    """Groups without weight decay (norms, biases) get plain Adam steps, as in NVIDIA's and timm's LAMB."""
+    from vitmha.tasks.optim import Lamb
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    ref = w.detach().clone().requires_grad_(True)
+    adapted = w.detach().clone().requires_grad_(True)
+    opt = Lamb([w], lr=1e-2, eps=1e-6)
+    ref_opt = torch.optim.Adam([ref], lr=1e-2, eps=1e-6)
+    adapt_opt = Lamb([adapted], lr=1e-2, eps=1e-6, always_adapt=True)
+    for _ in range(4):
+        g = torch.randn(5, 3, dtype=torch.float64)
+        w.grad, ref.grad, adapted.grad = g.clone(), g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+        adapt_opt.step()
+    torch.testing.assert_close(w, ref, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(adapted, ref)
+
+
+def test_unknown_optimizer_and_nesterov_without_momentum_are_clear_errors():
+    from vitmha.tasks.base import TaskConfigError
+
+    with pytest.raises(TaskConfigError, match="optimizer: expected one of adamw, sgd, lamb, got 'adam'"):
+        _tiny_task(optimizer="adam")
+    with pytest.raises(TaskConfigError, match="nesterov: needs momentum > 0"):
+        _tiny_task(optimizer="sgd", momentum=0.0, nesterov=True)
+
+
+def test_decoder_no_weight_decay_names_are_honoured():
+    """Segmenter's mask transformer lists its class embeddings in no_weight_decay(): a (1, K, D) tensor that
+    the 1-D rule alone would decay."""
+    from vitmha.tasks import SemanticSegmenter
+
+    seg = SemanticSegmenter(num_classes=3, head="mask_transformer", backbone_kwargs=dict(
+        img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2))
+    assert seg.model.head.cls_emb.ndim == 3
+    groups = param_groups(seg.backbone_module(), seg.head_modules(), lr=1e-3, weight_decay=0.05)
+    assert _group_of(groups, "extra0.cls_emb")["weight_decay"] == 0.0
+    assert _group_of(groups, "extra0.proj_patch")["weight_decay"] == 0.05
+
+
+# ----------------------------------------------------------------- weight decay under FSDP
+def _decisions(groups):
+    return {n: (g["name"], g["weight_decay"], g["lr_scale"]) for g in groups for n in g["param_names"]}
+
+
+FSDP_SCRIPT = r'''
+import json, os, sys, types
+import torch, torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run(rank, world, store, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from vitmha.models.vit import Block
+    from vitmha.tasks import ImageClassifier
+
+    torch.manual_seed(0)
+    task = ImageClassifier(num_classes=3, layer_decay=0.75, weight_decay=0.05, backbone_kwargs=dict(
+        img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2))
+    task.setup("fit")  # what Lightning calls before its FSDP strategy wraps the module
+    # as lightning.pytorch.strategies.FSDPStrategy._setup_model (it refuses CPU, so wrapped by hand here)
+    FSDP(task, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
+    task._trainer = types.SimpleNamespace(estimated_stepping_batches=10, num_training_batches=10,
+                                          accumulate_grad_batches=1, global_rank=rank)
+    opt = task.configure_optimizers()["optimizer"]
+    if rank == 0:
+        seen = {n: [g["name"], g["weight_decay"], g["lr_scale"], p.ndim]
+                for g in opt.param_groups for n, p in zip(g["param_names"], g["params"])}
+        json.dump(seen, open(out, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    store, out = sys.argv[1], sys.argv[2]
+    mp.spawn(run, args=(2, store, out), nprocs=2)
+'''
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed gloo")
+def test_fsdp_sharded_parameters_get_the_decay_of_their_original_shapes(tmp_path):
+    """FSDP FULL_SHARD over 2 gloo processes, use_orig_params=True (Lightning's default): every parameter is a
+    1-D view of its shard when the optimiser is built. The groups (names, weight decay, layer-decay lr scale)
+    equal those of the unwrapped task: norms, biases and tokens get no decay, matrices do."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vitmha.tasks import ImageClassifier
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "fsdp_groups.py"
+    script.write_text(FSDP_SCRIPT)
+    out = tmp_path / "groups.json"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(out.read_text())
+
+    task = ImageClassifier(num_classes=3, layer_decay=0.75, weight_decay=0.05, backbone_kwargs=dict(
+        img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2))
+    plain = _decisions(param_groups(task.backbone_module(), task.head_modules(), lr=1.0, weight_decay=0.05,
+                                    layer_decay=0.75))
+    assert {n: tuple(v[:3]) for n, v in sharded.items()} == plain
+    assert sharded["blocks.0.attn.qkv.weight"][3] == 1  # the sharded view is 1-D: ndim alone would say no decay
+    assert sharded["blocks.0.attn.qkv.weight"][1] == 0.05 and sharded["head.weight"][1] == 0.05
+    for name in ("blocks.1.norm2.weight", "blocks.0.mlp.fc1.bias", "pos_embed", "cls_token", "norm.weight"):
+        assert sharded[name][1] == 0.0, name
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed gloo")
+def test_fsdp_flat_parameters_are_refused_with_the_fix(tmp_path):
+    """use_orig_params=False: each wrapped block is one flat 1-D parameter (norms and matrices together), which
+    no per-parameter rule can split; param_groups says so and names the setting. With use_orig_params=True and
+    wrapper-prefixed names, the decisions equal the unwrapped module's (one process, world size 1)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from vitmha.models.vit import Block
+
+    def vit():
+        torch.manual_seed(0)
+        return vitmha.VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+
+    plain = _decisions(param_groups(vit(), lr=1.0, weight_decay=0.05, layer_decay=0.75))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        flat = FSDP(vit(), auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=False,
+                    device_id=torch.device("cpu"))
+        with pytest.raises(ValueError, match="FSDP flat parameter .* use_orig_params: true"):
+            param_groups(flat.module, lr=1.0, weight_decay=0.05)
+        wrapped = FSDP(vit(), auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+                       device_id=torch.device("cpu"))
+        assert any("_fsdp_wrapped_module" in n for n, _ in wrapped.module.named_parameters())
+        assert _decisions(param_groups(wrapped.module, lr=1.0, weight_decay=0.05, layer_decay=0.75)) == plain
+    finally:
+        dist.destroy_process_group()

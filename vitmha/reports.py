@@ -1,9 +1,17 @@
 """Evaluation reports: the numbers behind a task's logged metrics, per class, as CSV/JSON and pictures.
 
 - classification: ``confusion_matrix.png``/``.csv``, ``per_class.csv`` (precision, recall, F1, support,
-  AUROC), ``roc_curves.png`` (one-vs-rest), ``auroc.json`` and ``summary.json``;
-- segmentation: ``per_class_iou.csv`` (IoU, Dice, precision, recall, pixels), ``confusion_matrix.csv``/
-  ``.png``, ``samples.png`` (image | truth | prediction) and ``summary.json``.
+  AUROC, rank by F1, training count, rare flag), ``roc_curves.png`` (one-vs-rest), ``auroc.json`` and
+  ``summary.json``;
+- segmentation: ``per_class_iou.csv`` (IoU, Dice, precision, recall, pixels, rank by IoU, training pixels,
+  rare flag), ``confusion_matrix.csv``/``.png``, ``samples.png`` (image | truth | prediction) and
+  ``summary.json``.
+
+Rare classes hide in macro averages, so every report puts the worst classes first where people look:
+``summary.json`` has ``worst_classes`` (sorted by F1 or IoU, worst first, rare classes flagged) and
+``rare_classes``, and the callback prints the worst few when it writes the report. A class is *rare* when
+its share of the training data (counts from the task's class weights or the data module, else the
+evaluated support) is below ``rare_fraction`` (0.5) of an even share.
 
 The metrics are computed with the same torchmetrics classes and settings the tasks log with
 (:func:`vitmha.tasks.classification.classification_metrics`; the segmenter's confusion matrix and
@@ -50,6 +58,43 @@ def _write_json(path: Path, data: Dict[str, Any]) -> Path:
     return path
 
 
+def rare_flags(counts: Optional[Sequence[int]], rare_fraction: float = 0.5) -> List[bool]:
+    """Per class: its share of ``counts`` is below ``rare_fraction`` of an even share (1 / classes)."""
+    if counts is None:
+        return []
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    return [bool(total > 0 and v / total < rare_fraction / len(c)) for v in c]
+
+
+def worst_first(names: Sequence[str], score: Sequence[float], extra: Dict[str, Sequence[Any]],
+                rare: Sequence[bool], key: str, limit: int = 10) -> List[Dict[str, Any]]:
+    """The ``limit`` classes with the lowest ``score`` (NaN last), as dicts with ``extra`` columns and ``rare``."""
+    order = sorted(range(len(names)), key=lambda i: (math.isnan(float(score[i])), float(score[i]), i))
+    rows = []
+    for i in order[:limit]:
+        row = {"class": names[i], "index": i, key: float(score[i])}
+        row.update({k: v[i] for k, v in extra.items()})
+        row["rare"] = bool(rare[i]) if rare else False
+        rows.append(row)
+    return rows
+
+
+def _ranks(score: Sequence[float]) -> List[int]:
+    """1 = the worst (lowest) score; NaN scores rank last."""
+    order = sorted(range(len(score)), key=lambda i: (math.isnan(float(score[i])), float(score[i]), i))
+    ranks = [0] * len(score)
+    for r, i in enumerate(order, start=1):
+        ranks[i] = r
+    return ranks
+
+
+def _worst_line(rows: List[Dict[str, Any]], key: str, count: str, n: int = 3) -> str:
+    parts = [f"{r['class']} ({key} {r[key]:.3f}, {count} {r[count]}{', rare' if r['rare'] else ''})"
+             for r in rows[:n]]
+    return ", ".join(parts)
+
+
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -66,14 +111,19 @@ class ClassificationReport:
         num_classes: number of classes.
         class_names: names by class index (default "0", "1", ...).
         prefix: metric name prefix, ``"val/"`` or ``"test/"``, as the task logs them.
+        train_counts: training images per class, when known (rare classes are judged by them).
+        rare_fraction: a class is rare below this fraction of an even share.
     """
 
-    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None, prefix: str = "test/") -> None:
+    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None, prefix: str = "test/",
+                 train_counts: Optional[Sequence[int]] = None, rare_fraction: float = 0.5) -> None:
         from vitmha.tasks.classification import classification_metrics
 
         self.num_classes = int(num_classes)
         self.class_names = label_names(class_names, self.num_classes)
         self.prefix = prefix
+        self.train_counts = [int(c) for c in train_counts] if train_counts is not None else None
+        self.rare_fraction = rare_fraction
         self.metrics = classification_metrics(self.num_classes, prefix)  # what the task logs, same settings
         k = self.num_classes
         self.per_class = torch.nn.ModuleDict({
@@ -122,12 +172,23 @@ class ClassificationReport:
         out.mkdir(parents=True, exist_ok=True)
         names = self.class_names
         stage = self.prefix.rstrip("/")
+        f1 = [float(v) for v in r["per_class"]["f1"]]
+        support = [int(v) for v in r["support"]]
+        rare = rare_flags(self.train_counts if self.train_counts is not None else support, self.rare_fraction)
+        ranks = _ranks(f1)
+        train = self.train_counts if self.train_counts is not None else [""] * len(names)
         rows = [[name, i, float(r["per_class"]["precision"][i]), float(r["per_class"]["recall"][i]),
-                 float(r["per_class"]["f1"][i]), int(r["support"][i]), float(r["auroc"][i])]
+                 f1[i], support[i], float(r["auroc"][i]), ranks[i], train[i], "yes" if rare[i] else "no"]
                 for i, name in enumerate(names)]
+        extra = {"recall": [float(v) for v in r["per_class"]["recall"]],
+                 "precision": [float(v) for v in r["per_class"]["precision"]], "support": support}
+        if self.train_counts is not None:
+            extra["train_count"] = self.train_counts
+        self.worst = worst_first(names, f1, extra, rare, "f1")
         files = {
             "per_class": _write_csv(out / "per_class.csv",
-                                    ["class", "index", "precision", "recall", "f1", "support", "auroc"], rows),
+                                    ["class", "index", "precision", "recall", "f1", "support", "auroc",
+                                     "rank_by_f1", "train_count", "rare"], rows),
             "confusion_csv": _write_csv(out / "confusion_matrix.csv", ["true \\ predicted"] + names,
                                         [[n] + [int(v) for v in row] for n, row in zip(names, r["confusion"].tolist())]),
             "confusion_png": Path(save_confusion_matrix(r["confusion"].numpy(), names, out / "confusion_matrix.png",
@@ -139,8 +200,15 @@ class ClassificationReport:
         }
         files["summary"] = _write_json(out / "summary.json", {
             "stage": stage, "task": "classification", "num_samples": int(r["support"].sum()),
-            "metrics": r["metrics"], "auroc_macro": r["auroc_macro"], "classes": names})
+            "metrics": r["metrics"], "auroc_macro": r["auroc_macro"], "classes": names,
+            "worst_classes": self.worst, "rare_classes": [n for n, f in zip(names, rare) if f],
+            "rare_by": "train counts" if self.train_counts is not None else "evaluated support"})
         return files
+
+    def worst_line(self) -> str:
+        """The worst classes of the last ``write``, one line for the console."""
+        rows = getattr(self, "worst", [])
+        return f"worst classes by F1: {_worst_line(rows, 'f1', 'support')}" if rows else ""
 
 
 class SegmentationReport:
@@ -153,12 +221,17 @@ class SegmentationReport:
         prefix: ``"val/"`` or ``"test/"``.
         num_samples: images kept for ``samples.png``.
         mean, std: the normalisation to undo when drawing the samples.
+        train_counts: training pixels per class, when known (rare classes are judged by them).
+        rare_fraction: a class is rare below this fraction of an even share.
     """
 
     def __init__(self, num_classes: int, class_names: Optional[Sequence[str]] = None,
                  class_keys: Optional[Sequence[str]] = None, ignore_index: int = 255, prefix: str = "test/",
                  num_samples: int = 6, mean: Sequence[float] = (0.485, 0.456, 0.406),
-                 std: Sequence[float] = (0.229, 0.224, 0.225)) -> None:
+                 std: Sequence[float] = (0.229, 0.224, 0.225), train_counts: Optional[Sequence[int]] = None,
+                 rare_fraction: float = 0.5) -> None:
+        self.train_counts = [int(c) for c in train_counts] if train_counts is not None else None
+        self.rare_fraction = rare_fraction
         self.num_classes = int(num_classes)
         self.class_names = label_names(class_names, self.num_classes)
         self.class_keys = list(class_keys) if class_keys else [str(i) for i in range(self.num_classes)]
@@ -203,15 +276,26 @@ class SegmentationReport:
         tp = conf.diag()
         truth, predicted = conf.sum(1), conf.sum(0)
         nan = float("nan")
+        iou = [float(v) for v in r["scores"]["iou"]]
+        pixels = [int(v) for v in truth]
+        rare = rare_flags(self.train_counts if self.train_counts is not None else pixels, self.rare_fraction)
+        ranks = _ranks(iou)
+        train = self.train_counts if self.train_counts is not None else [""] * len(self.class_names)
         rows = []
         for i, name in enumerate(self.class_names):
-            rows.append([name, i, float(r["scores"]["iou"][i]), float(r["scores"]["dice"][i]),
+            rows.append([name, i, iou[i], float(r["scores"]["dice"][i]),
                          float(tp[i] / predicted[i]) if predicted[i] > 0 else nan,
-                         float(tp[i] / truth[i]) if truth[i] > 0 else nan, int(truth[i]), int(predicted[i])])
+                         float(tp[i] / truth[i]) if truth[i] > 0 else nan, pixels[i], int(predicted[i]),
+                         ranks[i], train[i], "yes" if rare[i] else "no"])
+        extra: Dict[str, Sequence[Any]] = {"dice": [float(v) for v in r["scores"]["dice"]], "pixels": pixels}
+        if self.train_counts is not None:
+            extra["train_pixels"] = self.train_counts
+        self.worst = worst_first(self.class_names, iou, extra, rare, "iou")
         stage = self.prefix.rstrip("/")
         files = {
-            "per_class": _write_csv(out / "per_class_iou.csv", ["class", "index", "iou", "dice", "precision",
-                                                                "recall", "pixels", "predicted_pixels"], rows),
+            "per_class": _write_csv(out / "per_class_iou.csv", [
+                "class", "index", "iou", "dice", "precision", "recall", "pixels", "predicted_pixels", "rank_by_iou",
+                "train_pixels", "rare"], rows),
             "confusion_csv": _write_csv(out / "confusion_matrix.csv", ["true \\ predicted"] + self.class_names,
                                         [[n] + [int(v) for v in row]
                                          for n, row in zip(self.class_names, r["confusion"].tolist())]),
@@ -223,13 +307,36 @@ class SegmentationReport:
                                                               self.class_names))
         files["summary"] = _write_json(out / "summary.json", {
             "stage": stage, "task": "segmentation", "pixels": int(conf.sum()), "metrics": r["metrics"],
-            "classes": self.class_names})
+            "classes": self.class_names, "worst_classes": self.worst,
+            "rare_classes": [n for n, f in zip(self.class_names, rare) if f],
+            "rare_by": "train counts" if self.train_counts is not None else "evaluated pixels"})
         return files
+
+    def worst_line(self) -> str:
+        """The worst classes of the last ``write``, one line for the console."""
+        rows = getattr(self, "worst", [])
+        return f"worst classes by IoU: {_worst_line(rows, 'iou', 'pixels')}" if rows else ""
 
 
 # ------------------------------------------------------------------------------------------------ callback
 def _is_segmenter(pl_module: Any) -> bool:
     return getattr(pl_module, "task", None) == "segmentation"
+
+
+def _train_counts(trainer: Any, pl_module: Any, k: int) -> Optional[List[int]]:
+    """Training counts per class, when cheap to know: the task's (saved with ``class_weights: auto``), the
+    data module's once computed, or, for classification, the data module's label list; else None."""
+    counts = getattr(pl_module, "class_counts", None)
+    if isinstance(counts, torch.Tensor) and counts.numel() == k and bool((counts >= 0).all()):
+        return [int(c) for c in counts.tolist()]
+    dm = getattr(trainer, "datamodule", None)
+    cached = getattr(dm, "_train_counts", None)
+    if cached is None and not _is_segmenter(pl_module) and callable(getattr(dm, "train_class_counts", None)):
+        try:
+            cached = dm.train_class_counts()
+        except Exception:  # noqa: BLE001 - a report without training counts judges rarity by the support
+            cached = None
+    return [int(c) for c in cached] if cached is not None and len(cached) == k else None
 
 
 def _batch_xy(batch: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -298,13 +405,15 @@ class EvaluationReport(Callback):
         prefix = "test/" if stage == "test" else "val/"
         k = int(pl_module.hparams.num_classes)
         names = self._names(trainer, pl_module)
-        if _is_segmenter(pl_module):
+        if callable(getattr(pl_module, "evaluation_report", None)):  # a task with its own report (multi-label)
+            self.report = pl_module.evaluation_report(names, prefix)
+        elif _is_segmenter(pl_module):
             mean, std = self._mean_std(trainer, pl_module)
             self.report = SegmentationReport(k, names, getattr(pl_module, "class_keys", None),
                                              int(pl_module.hparams.get("ignore_index", 255)), prefix,
-                                             self.num_samples, mean, std)
+                                             self.num_samples, mean, std, _train_counts(trainer, pl_module, k))
         else:
-            self.report = ClassificationReport(k, names, prefix)
+            self.report = ClassificationReport(k, names, prefix, _train_counts(trainer, pl_module, k))
         self.report.to(pl_module.device)
 
     # ---------------------------------------------------------------- per batch
@@ -336,6 +445,9 @@ class EvaluationReport(Callback):
         directory = self._directory(trainer, stage)  # every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
             self.files = self.report.write(directory, self.result)
+            line = self.report.worst_line() if hasattr(self.report, "worst_line") else ""
+            if line:
+                print(f"{stage}: {line}", flush=True)
         self.report = None
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:

@@ -6,13 +6,69 @@ import warnings
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset
 
-from vitmha.data.datasets import collate_pairs, collate_predict
-from vitmha.data.sampling import EpochSeededSampler, resolve_seed, worker_init
+from vitmha.data.datasets import collate_pairs, collate_predict, remap_mask
+from vitmha.data.errors import DataValidationError
+from vitmha.data.io import read_mask
+from vitmha.data.sampling import BalancedEpochSampler, EpochSeededSampler, resolve_seed, worker_init
 from vitmha.data.transforms import resolve_mean_std
+
+
+#: ``sampler`` values of the classification data modules: shuffle each epoch, or draw class-balanced
+SAMPLERS = ("random", "balanced")
+
+
+def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
+    """The class index of every sample of a classification dataset (an in-memory ``labels`` array or the
+    ``(path, label)`` items of a folder), or None for other datasets."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and np.ndim(labels) == 1:
+        return np.asarray(labels, dtype=np.int64)
+    items = getattr(dataset, "items", None)
+    if items and isinstance(items[0][1], (int, np.integer)):
+        return np.fromiter((lab for _, lab in items), dtype=np.int64, count=len(items))
+    return None
+
+
+def _pixel_counts(masks: Any, num_classes: int, ignore_index: Optional[int]) -> np.ndarray:
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for m in masks:
+        v = np.asarray(m).ravel().astype(np.int64)
+        v = v[(v >= 0) & (v != (-1 if ignore_index is None else ignore_index))]
+        if v.size and v.max() >= num_classes:
+            raise ValueError(f"mask value {int(v.max())} outside 0..{num_classes - 1}")
+        counts += np.bincount(v, minlength=num_classes)
+    return counts
+
+
+def dataset_class_counts(dataset: Dataset, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
+    """(num_classes,) int64: samples per class of a classification dataset, or pixels per class of a
+    segmentation dataset (in-memory masks, a mask region, or mask files read once; ``ignore_index`` left
+    out). Raises DataValidationError for a dataset it cannot count or labels outside the classes."""
+    what = type(dataset).__name__
+    labels = dataset_labels(dataset)
+    try:
+        if labels is not None:
+            if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"label {int(labels.max())} outside 0..{num_classes - 1}")
+            return np.bincount(labels, minlength=num_classes).astype(np.int64)
+        if getattr(dataset, "masks", None) is not None:  # in-memory (N, H, W)
+            return _pixel_counts(dataset.masks, num_classes, ignore_index)
+        if getattr(dataset, "mask", None) is not None:  # one region that random crops are cut from
+            return _pixel_counts([dataset.mask], num_classes, ignore_index)
+        items = getattr(dataset, "items", None)
+        if items and isinstance(items[0][1], str):  # (image path, mask path) pairs
+            ign = getattr(dataset, "ignore_index", ignore_index)
+            rz = bool(getattr(dataset, "reduce_zero_label", False))
+            return _pixel_counts((remap_mask(read_mask(m), ign, rz) for _, m in items), num_classes, ign)
+    except ValueError as e:
+        raise DataValidationError([(f"train split ({what})", f"cannot count classes: {e}")]) from None
+    raise DataValidationError([(f"train split ({what})", "cannot count its classes: not a labelled "
+                                "classification or segmentation dataset")])
 
 
 def abspath(path: str, base: Optional[str] = None) -> str:
@@ -49,12 +105,28 @@ class BaseDataModule(pl.LightningDataModule):
 
     def _init_loader(self, *, batch_size: int, num_workers: int, pin_memory: Optional[bool],
                      persistent_workers: bool, seed: Optional[int], mean: Optional[List[float]],
-                     std: Optional[List[float]], backbone: Optional[str]) -> None:
-        """Store the loader settings, resolve mean/std (explicit > ``backbone``'s > ImageNet), no datasets yet."""
+                     std: Optional[List[float]], backbone: Optional[str], in_chans: int = 3,
+                     sampler: str = "random") -> None:
+        """Store the loader settings, resolve mean/std (explicit > ``backbone``'s > ImageNet) for ``in_chans``
+        channels, no datasets yet. ``sampler``: ``random`` (shuffle) or ``balanced`` (class-balanced draws
+        with replacement)."""
+        if sampler not in SAMPLERS:
+            raise DataValidationError([("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")])
+        self.train_sampler = sampler
         self.batch_size, self.num_workers = batch_size, num_workers
         self.pin_memory, self.persistent_workers, self.seed = pin_memory, persistent_workers, seed
-        self.mean, self.std = resolve_mean_std(mean, std, backbone)
+        self.in_chans = int(in_chans)
+        self.mean, self.std = resolve_mean_std(mean, std, backbone, self.in_chans)
         self.datasets = {}
+
+    def train_class_counts(self) -> np.ndarray:
+        """(num_classes,) int64 counts of the train split: images per class (from the label list), or pixels
+        per class for segmentation (masks read once, ``ignore_index`` left out). Computed once; sets up the
+        train split if needed. What ``class_weights: auto`` of the tasks is computed from."""
+        if getattr(self, "_train_counts", None) is None:
+            self._train_counts = dataset_class_counts(self._dataset("train"), int(self.num_classes),
+                                                      getattr(self, "ignore_index", None))
+        return self._train_counts.copy()
 
     def _setup_predict(self) -> None:
         """Fill ``self.datasets["predict"]``; called by ``predict_dataloader`` when it is missing."""
@@ -77,7 +149,14 @@ class BaseDataModule(pl.LightningDataModule):
             seed = resolve_seed(self.seed)
             if hasattr(dataset, "seed"):
                 dataset.seed = seed
-            sampler = EpochSeededSampler(len(dataset), seed=seed, shuffle=True)
+            if getattr(self, "train_sampler", "random") == "balanced":
+                labels = dataset_labels(dataset)
+                if labels is None:
+                    raise DataValidationError([("sampler", f"balanced sampling needs class labels; the train "
+                                                f"split ({type(dataset).__name__}) has none")])
+                sampler = BalancedEpochSampler(labels, seed=seed)
+            else:
+                sampler = EpochSeededSampler(len(dataset), seed=seed, shuffle=True)
             self._start_sampler(sampler)
         return DataLoader(
             dataset,

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import csv as csvlib
 import os
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 from vitmha.data.base import BaseDataModule, abspath
+from vitmha.data.channels import ChannelOptions, check_model_channels
 from vitmha.data.datasets import ImageLabelDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
-from vitmha.data.io import (IMAGE_EXTENSIONS, check_image, expand_paths, is_hidden, is_image_file, list_dir,
+from vitmha.data.io import (IMAGE_EXTENSIONS, expand_paths, is_hidden, is_image_file, list_dir,
                             parallel_map, raise_or_skip)
-from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train
+from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train_recipe
 
 SPLITS = ("train", "val", "test")
 
@@ -23,15 +24,17 @@ def _rel(path: str, root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-class ImageFolderDataModule(BaseDataModule):
+class ImageFolderDataModule(ChannelOptions, BaseDataModule):
     """Image classification from class folders (or CSV lists), with albumentations augmentation.
 
     Layout: ``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test/<class>/*`` and
     ``root/predict/*``; classes are the sorted folder names under ``train``. Images may be png, jpg,
-    jpeg, bmp, webp, tif or tiff (any case), grey, 16-bit, palette or RGBA; all become 8-bit RGB.
-    Every file is checked in ``setup`` and all problems are reported at once (DataValidationError).
-    Train/val/test batches are ``(image (B,3,H,W) float32, label (B,) int64)``; predict batches are
-    dicts ``{"image", "path", "orig_size" (B,2) (H,W)}``.
+    jpeg, bmp, webp, tif or tiff (any case), grey, 16-bit, palette or RGBA; with ``in_chans: 3`` all become
+    8-bit RGB. Any other ``in_chans`` reads each file's own channels as float in [0, 1] (grey PNG/JPEG: 1,
+    16-bit scaled by 65535 or ``max_pixel_value``, multi-band TIFF: its bands), and a file with another
+    number of channels is a problem. Every file is checked in ``setup`` and all problems are reported at
+    once (DataValidationError). Train/val/test batches are ``(image (B,C,H,W) float32, label (B,) int64)``;
+    predict batches are dicts ``{"image", "path", "orig_size" (B,2) (H,W)}``.
 
     Augmentation is deterministic: sample i of epoch e is augmented from (seed, e, i) only, whatever
     the number of workers, so a resumed run sees the batches it would have seen.
@@ -47,8 +50,8 @@ class ImageFolderDataModule(BaseDataModule):
         persistent_workers: bool = True,
         train_transforms: TransformSpec = None,
         val_transforms: TransformSpec = None,
-        mean: Optional[List[float]] = None,
-        std: Optional[List[float]] = None,
+        mean: Optional[Union[List[float], Literal["auto"]]] = None,
+        std: Optional[Union[List[float], Literal["auto"]]] = None,
         backbone: Optional[str] = None,
         hflip: float = 0.0,
         scale: Tuple[float, float] = (0.8, 1.0),
@@ -59,6 +62,13 @@ class ImageFolderDataModule(BaseDataModule):
         check_files: bool = True,
         num_classes: Optional[int] = None,
         predict_paths: Optional[List[str]] = None,
+        in_chans: int = 3,
+        max_pixel_value: Optional[float] = None,
+        sampler: str = "random",
+        auto_augment: Optional[str] = None,
+        reprob: float = 0.0,
+        remode: str = "pixel",
+        recount: int = 1,
     ):
         """
         Args:
@@ -71,7 +81,10 @@ class ImageFolderDataModule(BaseDataModule):
             train_transforms: albumentations spec replacing the default train pipeline: a list of names or
                 ``{class_path, init_args}`` dicts, or an ``A.to_dict`` dict; Normalize+ToTensorV2 are appended.
             val_transforms: the same for val/test/predict (default: resize to image_size).
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean, one value per channel (0..1) or one for all; default from ``backbone``'s
+                pretrained config (RGB values fitted to ``in_chans``: their mean for one channel), else
+                ImageNet; ``auto``: computed from the training images in ``setup`` (logged, and saved in the
+                checkpoint's datamodule hyper-parameters for predict and export).
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
             hflip: probability of a horizontal flip in the default train pipeline. Off by default because a
@@ -88,13 +101,29 @@ class ImageFolderDataModule(BaseDataModule):
             check_files: check every image in ``setup`` (turn off only for huge, known-good datasets).
             num_classes: expected number of classes; an error if the data disagrees (default: found).
             predict_paths: files, folders or globs to predict on (default: ``root/predict``).
+            in_chans: image channels, the model's ``backbone_kwargs.in_chans`` (the vitmha CLI passes it on).
+                3: 8-bit RGB as above. Others: each file's own channels, float in [0, 1]; colour transforms
+                that need RGB are left out of the default pipelines and refused in ``train_transforms``.
+            max_pixel_value: divide pixels by this instead of their type's range (255 for 8 bit, 65535 for
+                16 bit), e.g. 4095 for 12-bit data in 16-bit files; reads float channels even for 3.
+            sampler: ``random`` (shuffle every epoch) or ``balanced`` (each epoch draws as many images with
+                replacement, every class equally likely; deterministic per seed and epoch, resumable).
+            auto_augment: augmentation policy of the default train pipeline: timm's RandAugment string, e.g.
+                ``rand-m9-mstd0.5-inc1`` (DeiT), or ``trivial`` (TrivialAugmentWide); it then replaces the
+                default's light colour/geometry ops. None = off.
+            reprob: random erasing probability (timm's ``reprob``; DeiT 0.25), after Normalize; 0 = off.
+            remode: random erasing fill: ``pixel`` (per-pixel normal noise), ``rand`` or ``const``.
+            recount: largest number of erased boxes per image.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self.root = abspath(root)
         self.image_size = int(image_size)
+        mean, std = self._init_channels(in_chans, max_pixel_value, mean, std)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=in_chans, sampler=sampler)
+        self.auto_augment, self.reprob, self.remode, self.recount = auto_augment, reprob, remode, recount
         self.train_spec, self.val_spec = train_transforms, val_transforms
         self.hflip, self.scale, self.crop_pct = hflip, tuple(scale), crop_pct
         self.skip_bad_files, self.check_files = skip_bad_files, check_files
@@ -102,12 +131,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.csv_files = self._csv_files(csv)
         self._items: Optional[Dict[str, List[Tuple[str, int]]]] = None
         # transforms are built now so that a bad spec fails at instantiation, with the config at hand
-        self.train_transform = build_transforms(
-            train_transforms, classification_train(self.image_size, self.mean, self.std, hflip, self.scale),
-            self.mean, self.std, "train_transforms")
-        self.val_transform = build_transforms(
-            val_transforms, classification_eval(self.image_size, self.mean, self.std, crop_pct),
-            self.mean, self.std, "val_transforms")
+        self._build_transforms()
 
         self.classes: List[str] = self._find_classes(num_classes)
         self.num_classes: int = len(self.classes)
@@ -115,6 +139,19 @@ class ImageFolderDataModule(BaseDataModule):
             raise DataValidationError(
                 [(self._train_location(), f"num_classes={num_classes} was given but the data has "
                   f"{self.num_classes} classes: {self.classes}")])
+
+    def _build_transforms(self) -> None:
+        """The train and eval pipelines for the current mean/std, fitted to the images read."""
+        self.train_transform = self._fit(build_transforms(
+            self.train_spec, classification_train_recipe(self.image_size, self.mean, self.std, self.hflip, self.scale,
+                                                         self.auto_augment, self.reprob, self.remode, self.recount),
+            self.mean, self.std, "train_transforms"), self.train_spec, "train_transforms")
+        self.val_transform = self._fit(build_transforms(
+            self.val_spec, classification_eval(self.image_size, self.mean, self.std, self.crop_pct),
+            self.mean, self.std, "val_transforms"), self.val_spec, "val_transforms")
+
+    def _train_paths(self) -> List[str]:
+        return [p for p, _ in self.validate_files()["train"]]
 
     # --- discovery (cheap, in __init__) -------------------------------------------------------------
 
@@ -257,7 +294,7 @@ class ImageFolderDataModule(BaseDataModule):
                 items[split] = self._list_split_folders(split, problems, bad)
         if self.check_files:
             for split, lst in items.items():
-                errs = parallel_map(check_image, [p for p, _ in lst])
+                errs = parallel_map(self.check_image, [p for p, _ in lst])
                 bad_paths = set()
                 for (p, _), err in zip(lst, errs):
                     if err:
@@ -281,17 +318,19 @@ class ImageFolderDataModule(BaseDataModule):
     # --- Lightning hooks ------------------------------------------------------------------------------
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if stage == "predict":
             self._setup_predict()
             return
         items = self.validate_files()
+        self._auto_stats()
         self.datasets["train"] = ImageLabelDataset(items["train"], self.train_transform, self.image_size,
-                                                   what="train_transforms")
+                                                   what="train_transforms", read=self.read)
         self.datasets["val"] = ImageLabelDataset(items["val"], self.val_transform, self.image_size,
-                                                 what="val_transforms")
+                                                 what="val_transforms", read=self.read)
         if "test" in items:
             self.datasets["test"] = ImageLabelDataset(items["test"], self.val_transform, self.image_size,
-                                                      what="val_transforms")
+                                                      what="val_transforms", read=self.read)
         if stage == "test" and "test" not in items:
             where = self.csv_files["test"] if self.csv_files else os.path.join(self.root, "test")
             raise DataValidationError([(where, "missing test split (needed for `test`)")])
@@ -301,11 +340,11 @@ class ImageFolderDataModule(BaseDataModule):
         files, problems = expand_paths(specs, base=self.root)
         if problems or not files:
             raise DataValidationError(problems or [(str(specs), "no images to predict on")])
-        bad = [(p, e) for p, e in zip(files, parallel_map(check_image, files)) if e] if self.check_files else []
+        bad = [(p, e) for p, e in zip(files, parallel_map(self.check_image, files)) if e] if self.check_files else []
         raise_or_skip([], bad, self.skip_bad_files, self.root)
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
-                                                  self.image_size)
+                                                  self.image_size, read=self.read)
 
 
 def _is_int(s: str) -> bool:

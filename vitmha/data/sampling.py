@@ -10,12 +10,17 @@ modules also store where training stands in their checkpoint state and start the
 (:meth:`EpochSeededSampler.resume_at`: the restored epoch, and the batch after the last one trained when
 the checkpoint is from the middle of an epoch). Under DDP the sampler shards itself, so the same holds
 on every rank.
+
+:class:`BalancedEpochSampler` draws each epoch's keys with replacement, every class equally likely, from the
+same (seed, epoch) generator, and shards and resumes the same way. A sample drawn twice in one epoch is
+augmented twice differently: its r-th repeat carries the "epoch" ``epoch + r * 2**32`` in its key, which the
+datasets use only to seed augmentation.
 """
 from __future__ import annotations
 
 import os
 import random
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -145,22 +150,67 @@ class EpochSeededSampler(DistributedSampler):
         # the epoch from the checkpoint and stops the epoch at this length
         return self._per_rank()
 
-    def keys(self) -> List[Tuple[int, int]]:
-        """This rank's keys of the current epoch, from ``start`` on."""
+    def epoch_keys(self) -> List[Tuple[int, int]]:
+        """Every key of the current epoch in order, before sharding: a function of (seed, epoch) only."""
         if self.shuffle:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        return [(i, self.epoch) for i in order]
+
+    def keys(self) -> List[Tuple[int, int]]:
+        """This rank's keys of the current epoch, from ``start`` on."""
+        order = self.epoch_keys()
         world = self.num_replicas
         if world > 1:
             total = self._per_rank() * world
             order = (order * -(-total // max(len(order), 1)))[:total]
             order = order[self.rank:total:world]
-        return [(i, self.epoch) for i in order[self.start:]]
+        return order[self.start:]
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         return iter(self.keys())
+
+
+REPEAT_STRIDE = 1 << 32  # added to the key's epoch for each repeat of an index within a balanced epoch
+
+
+class BalancedEpochSampler(EpochSeededSampler):
+    """Class-balanced sampling with replacement: an epoch is ``num_samples`` keys, index i drawn with
+    probability proportional to ``1 / count(labels[i])`` (every class equally likely), the draw a function of
+    (seed, epoch) only. Shards, resumes (``resume_at``) and sets its epoch as :class:`EpochSeededSampler`.
+
+    The r-th repeat (r >= 1) of an index within an epoch is keyed ``(index, epoch + r * 2**32)``, so that
+    its augmentation differs from the first draw's (datasets seed augmentation from the key).
+
+    Args:
+        labels: class index of every sample of the dataset.
+        seed: base seed.
+        num_samples: keys per epoch (default: the dataset length, the same budget as plain shuffling).
+        num_replicas, rank: the shard to yield (default: from the process group, else 1 and 0).
+    """
+
+    def __init__(self, labels: Sequence[int], seed: int = 0, num_samples: Optional[int] = None,
+                 num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.ndim != 1 or len(labels) == 0 or (labels < 0).any():
+            raise ValueError(f"BalancedEpochSampler needs a 1-D list of class indices >= 0, got shape {labels.shape}")
+        super().__init__(len(labels) if num_samples is None else int(num_samples), seed=seed, shuffle=True,
+                         num_replicas=num_replicas, rank=rank)
+        inverse = 1.0 / np.bincount(labels)[labels]
+        self.probs = torch.from_numpy(inverse / inverse.sum())  # (n,) float64, sums to 1
+
+    def epoch_keys(self) -> List[Tuple[int, int]]:
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        drawn = torch.multinomial(self.probs, self.n, replacement=True, generator=g).tolist()
+        seen: Dict[int, int] = {}
+        keys = []
+        for i in drawn:
+            r = seen.get(i, 0)
+            seen[i] = r + 1
+            keys.append((i, self.epoch + r * REPEAT_STRIDE))
+        return keys
 
 
 def seed_pipeline(pipeline, seed: int, key: Key) -> None:

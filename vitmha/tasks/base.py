@@ -1,8 +1,8 @@
 """What the classification and segmentation tasks share: building the backbone, optimiser and
 schedule, linear probing / late unfreezing, parameter-efficient fine-tuning (``peft``), weight EMA,
-per-step reseeding for exact resume, and the non-finite loss policy. Subclasses define ``__init__`` (their
-typed signature is the CLI), set ``self.model`` (everything that is trained; the EMA follows it) and
-``self.ema`` and implement the steps."""
+per-step reseeding for exact resume, the non-finite loss policy, and the loss options for rare classes
+(``class_weights``, ``loss: ce | focal``). Subclasses define ``__init__`` (their typed signature is the CLI),
+set ``self.model`` (everything that is trained; the EMA follows it) and ``self.ema`` and implement the steps."""
 from __future__ import annotations
 
 import os
@@ -13,13 +13,19 @@ from typing import Any, Dict, List, Optional, Union
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from vitmha.peft import PeftError, PeftSpec, parse_peft
 from vitmha.tasks.ema import ModelEma
-from vitmha.tasks.optim import SCHEDULERS, build_optimizer, param_groups
+from vitmha.tasks.losses import AUTO_WEIGHTS, LOSSES, class_weights_from_counts
+from vitmha.tasks.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, param_groups, param_shapes
 
 NONFINITE_POLICIES = ("error", "skip")
+
+
+class TaskConfigError(ValueError):
+    """A task option that cannot work (printed by the CLI as one ``error:`` line naming the option)."""
 
 
 def from_scratch(pretrained: Union[bool, str, None]) -> bool:
@@ -64,7 +70,7 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
 class BackboneTask(L.LightningModule):
     """Base class; expects hparams ``lr, weight_decay, layer_decay, warmup_epochs, warmup_steps, min_lr,
     scheduler, freeze_backbone, freeze_blocks, unfreeze_at_epoch, ema_decay, nonfinite, pretrained`` and
-    optionally ``peft``."""
+    optionally ``peft``, ``optimizer``, ``momentum``, ``nesterov``, ``class_weights``, ``loss``, ``focal_gamma``."""
 
     model: nn.Module
     ema: Optional[ModelEma]
@@ -93,8 +99,89 @@ class BackboneTask(L.LightningModule):
             raise ValueError(f"freeze_blocks must be >= 0, got {hp.freeze_blocks}")
         if not 0.0 < hp.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in (0, 1], got {hp.layer_decay}")
+        if hp.get("optimizer", "adamw") not in OPTIMIZERS:
+            raise TaskConfigError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {hp.optimizer!r}")
+        if hp.get("nesterov") and not hp.get("momentum"):
+            raise TaskConfigError(f"nesterov: needs momentum > 0, got momentum={hp.momentum}")
+        losses = getattr(self, "losses", LOSSES)  # a task may declare its own (the multi-label task: bce, asl)
+        if hp.get("loss", "ce") not in losses:
+            raise TaskConfigError(f"loss: expected one of {', '.join(losses)}, got {hp.loss!r}")
+        if float(hp.get("focal_gamma", 0.0)) < 0:
+            raise TaskConfigError(f"focal_gamma: must be >= 0, got {hp.focal_gamma}")
         self.skipped_batches = 0
         self._backbone_frozen = False
+
+    # ----------------------------------------------------------------- rare classes
+    def _init_class_weights(self, num_classes: int) -> None:
+        """Check ``class_weights`` and register the ``class_weight`` buffer (C,) it fills: the given list, or
+        NaN until ``setup("fit")`` computes ``auto``/``effective`` weights from the training counts (kept in
+        the state dict, so test and predict need no data). No buffer without class weights, so checkpoints
+        of runs without them keep their keys."""
+        cw = self.hparams.get("class_weights")
+        if cw is None:
+            return
+        if isinstance(cw, str):
+            if cw not in AUTO_WEIGHTS:
+                raise TaskConfigError(f"class_weights: expected null, {' or '.join(AUTO_WEIGHTS)}, or a list of "
+                                      f"{num_classes} weights; got {cw!r}")
+            weight = torch.full((num_classes,), float("nan"))
+            self.register_buffer("class_counts", torch.full((num_classes,), -1, dtype=torch.long))
+        else:
+            try:
+                weight = torch.tensor([float(w) for w in cw], dtype=torch.float32)
+            except (TypeError, ValueError):
+                raise TaskConfigError(f"class_weights: expected a list of {num_classes} numbers, got {cw!r}") from None
+            if weight.numel() != num_classes or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()) \
+                    or not bool((weight > 0).any()):
+                raise TaskConfigError(f"class_weights: expected {num_classes} finite weights >= 0 (num_classes="
+                                      f"{num_classes}), not all 0; got {list(cw)}")
+        self.register_buffer("class_weight", weight)
+
+    def loss_weight(self) -> Optional[torch.Tensor]:
+        """The per-class loss weights (C,), or None (no ``class_weights``, or ``auto`` not computed yet)."""
+        w = getattr(self, "class_weight", None)
+        return w if w is not None and bool(torch.isfinite(w).all()) else None
+
+    def _train_loss_weight(self) -> Optional[torch.Tensor]:
+        w = self.loss_weight()
+        if w is None and self.hparams.get("class_weights") is not None:
+            raise TaskConfigError(f"class_weights: {self.hparams.class_weights!r} weights were never computed "
+                                  "(they are computed in setup('fit') from the data module)")
+        return w
+
+    def setup(self, stage: str) -> None:
+        # before a strategy wraps the model (FSDP reshapes parameters): the original shapes decide weight decay
+        if getattr(self, "_param_shapes", None) is None:
+            self._param_shapes = param_shapes(self.backbone_module(), self.head_modules())
+        if stage == "fit" and isinstance(self.hparams.get("class_weights"), str):
+            self._compute_class_weights()
+
+    def _compute_class_weights(self) -> None:
+        """Fill ``class_weight`` from the data module's ``train_class_counts()``; log the table."""
+        method, k = self.hparams.class_weights, int(self.hparams.num_classes)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        counter = getattr(dm, "train_class_counts", None)
+        if counter is None:
+            raise TaskConfigError(
+                f"class_weights: {method!r} needs the training class counts from the data module, but "
+                f"{type(dm).__name__ if dm is not None else 'no data module'} has no train_class_counts() "
+                "(vitmha's data modules have it); give the weights as a list [w0, w1, ...] instead")
+        counts = np.asarray(counter(), dtype=np.int64)
+        if counts.shape != (k,):
+            raise TaskConfigError(f"class_weights: the data module counted {counts.shape[0]} classes, the model "
+                                  f"has num_classes={k}")
+        weight = class_weights_from_counts(counts, method)
+        self.class_weight.copy_(weight)
+        self.class_counts.copy_(torch.from_numpy(counts))
+        names = getattr(dm, "classes", None) or [str(i) for i in range(k)]
+        kind = "inverse frequency" if method == "auto" else "effective number, beta 0.999"
+        what = "pixels" if self.task == "segmentation" else "images"
+        table = ", ".join(f"{n}: {w:.3g} ({c})" for n, w, c in zip(names, weight.tolist(), counts.tolist()))
+        rank_zero_info(f"class_weights {method} ({kind}, mean 1 over the classes present), "
+                       f"class: weight (train {what}): {table}")
+        for logger in self.loggers:
+            logger.log_hyperparams({"class_weights_used": {str(n): round(float(w), 6) for n, w in zip(names, weight)},
+                                    "train_class_counts": {str(n): int(c) for n, c in zip(names, counts)}})
 
     @property
     def freezes_backbone(self) -> bool:
@@ -149,9 +236,12 @@ class BackboneTask(L.LightningModule):
         self._preseeded_epoch = getattr(self, "_start_epoch", 0)
         self._reseed(self._preseeded_epoch)
         groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
-                              layer_decay=hp.layer_decay, trainable_only=self.uses_peft)
+                              layer_decay=hp.layer_decay, trainable_only=self.uses_peft,
+                              shapes=getattr(self, "_param_shapes", None))
         return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
-                               warmup_steps=hp.warmup_steps, min_lr=hp.min_lr)
+                               warmup_steps=hp.warmup_steps, min_lr=hp.min_lr,
+                               optimizer=hp.get("optimizer", "adamw"), momentum=float(hp.get("momentum", 0.9)),
+                               nesterov=bool(hp.get("nesterov", False)))
 
     def current_peak_lr(self) -> float:
         """The largest lr over the param groups now (the head's, under layer decay)."""

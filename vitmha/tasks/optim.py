@@ -1,29 +1,72 @@
-"""Optimiser machinery shared by the tasks: AdamW parameter groups with layer-wise lr decay and
-no weight decay on norms/biases/tokens, and a per-step warmup + cosine/poly schedule."""
+"""Optimiser machinery shared by the tasks: parameter groups with layer-wise lr decay and no weight decay
+on norms/biases/tokens, the optimisers (AdamW, SGD, LAMB) and a per-step warmup + cosine/poly schedule.
+
+Weight decay is decided from each parameter's original name and shape. Wrappers rename parameters (FSDP's
+``_fsdp_wrapped_module.``, activation checkpointing's ``_checkpoint_wrapped_module.``, ``torch.compile``'s
+``_orig_mod.``): the names are cleaned of those. FSDP also reshapes them: with ``use_orig_params=True``
+(Lightning's default) each parameter becomes a 1-D view of its shard, so ``ndim`` says nothing; pass the
+shapes recorded before wrapping (:func:`param_shapes`; the tasks record them in ``setup``). With
+``use_orig_params=False`` a whole wrapped block is one flat parameter, which no per-parameter rule can
+split: :func:`param_groups` refuses it.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 SCHEDULERS = ("cosine", "poly", "constant")
+OPTIMIZERS = ("adamw", "sgd", "lamb")
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _skip_weight_decay(name: str, param: torch.Tensor, no_decay_names: Iterable[str]) -> bool:
-    # 1-D params are norm scales/shifts and biases; tokens and position embeddings are named by the backbone.
-    return param.ndim <= 1 or name.endswith(".bias") or name in no_decay_names
+def clean_name(name: str) -> str:
+    """``name`` without the parts FSDP, activation checkpointing and ``torch.compile`` insert."""
+    for part in WRAPPER_PREFIXES:
+        name = name.replace(part, "")
+    return name
+
+
+def _is_flat_param(name: str, param: torch.Tensor) -> bool:
+    return bool(getattr(param, "_is_flat_param", False)) or name.endswith("_flat_param")
+
+
+def _skip_weight_decay(name: str, ndim: int, no_decay_names: Iterable[str]) -> bool:
+    # 1-D params are norm scales/shifts and biases; tokens and position embeddings are named by the modules.
+    return ndim <= 1 or name.endswith(".bias") or name in no_decay_names
 
 
 def _no_weight_decay_names(module: nn.Module) -> set:
-    """Parameter names (relative to ``module``) that ``module`` or any of its submodules lists in its
-    ``no_weight_decay()`` (the ViT its tokens, PEFT's prompts their tokens)."""
+    """Cleaned parameter names (relative to ``module``) that ``module`` or any of its submodules lists in
+    its ``no_weight_decay()`` (the ViT its tokens, PEFT's prompts their tokens, Segmenter's decoder its
+    class embeddings)."""
     names = set()
     for prefix, m in module.named_modules():
         if hasattr(m, "no_weight_decay"):
-            names |= {f"{prefix}.{n}" if prefix else n for n in m.no_weight_decay()}
+            names |= {clean_name(f"{prefix}.{n}" if prefix else n) for n in m.no_weight_decay()}
     return names
+
+
+def _named(backbone: nn.Module, extra_modules: Sequence[nn.Module]) -> List[Tuple[str, str, int, nn.Parameter]]:
+    """(group name as param_groups reports it, name relative to its module, module index (-1 = backbone),
+    param) for every parameter once, names cleaned of wrapper prefixes."""
+    out, seen = [], set()
+    for i, module in [(-1, backbone)] + list(enumerate(extra_modules)):
+        for name, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            rel = clean_name(name)
+            out.append((rel if i < 0 else f"extra{i}.{rel}", rel, i, p))
+    return out
+
+
+def param_shapes(backbone: nn.Module, extra_modules: Sequence[nn.Module] = ()) -> Dict[str, Tuple[int, ...]]:
+    """``{name: shape}`` under the names :func:`param_groups` uses, to record before a wrapper (FSDP)
+    reshapes the parameters."""
+    return {key: tuple(p.shape) for key, _, _, p in _named(backbone, extra_modules)}
 
 
 def param_groups(
@@ -34,17 +77,27 @@ def param_groups(
     weight_decay: float,
     layer_decay: float = 1.0,
     trainable_only: bool = False,
+    shapes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> List[Dict[str, Any]]:
-    """AdamW parameter groups for a backbone plus head/decoder modules.
+    """Optimiser parameter groups for a backbone plus head/decoder modules.
 
     Backbone params get ``lr * layer_decay ** (num_layer_ids - 1 - backbone.param_layer_id(name))``;
     ``extra_modules`` (heads, decoders) get scale 1.0. Params that are 1-D, named ``*.bias`` or listed by
-    ``no_weight_decay()`` of the backbone or one of its submodules get weight decay 0. Each group carries
-    ``lr_scale`` and a ``name`` such as ``"layer_3_decay"``. Frozen params are included so that unfreezing
-    later needs no new optimizer, unless ``trainable_only`` (PEFT: what is frozen stays frozen, and no
-    weight decay or lr scale is ever attached to it).
+    ``no_weight_decay()`` of any module (the backbone, a decoder, or a submodule of either) get weight
+    decay 0. Each group carries ``lr_scale`` and a ``name`` such as ``"layer_3_decay"``. Frozen params are
+    included so that unfreezing later needs no new optimizer, unless ``trainable_only`` (PEFT: what is
+    frozen stays frozen, and no weight decay or lr scale is ever attached to it). ``shapes`` (from
+    :func:`param_shapes` before wrapping) gives the original shapes; names are cleaned of wrapper prefixes.
+    Raises ValueError for FSDP flat parameters (``use_orig_params=False``).
     """
-    no_decay_names = _no_weight_decay_names(backbone)
+    named = _named(backbone, extra_modules)
+    flat = [key for key, _, _, p in named if _is_flat_param(key, p)]
+    if flat:
+        raise ValueError(
+            f"cannot decide weight decay per parameter: {flat[0]} is an FSDP flat parameter (a whole wrapped "
+            "module in one 1-D tensor, norms and matrices together); set use_orig_params: true in the FSDP "
+            "strategy (trainer.strategy.init_args, Lightning's default)")
+    no_decay = [_no_weight_decay_names(backbone)] + [_no_weight_decay_names(m) for m in extra_modules]
     use_layers = layer_decay != 1.0
     if use_layers and not (hasattr(backbone, "param_layer_id") and hasattr(backbone, "num_layer_ids")):
         raise TypeError(f"layer_decay={layer_decay} needs a backbone with param_layer_id()/num_layer_ids, "
@@ -62,20 +115,16 @@ def param_groups(
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
 
-    for name, p in backbone.named_parameters():
+    for key, rel, i, p in named:
         if trainable_only and not p.requires_grad:
             continue
-        layer_id = backbone.param_layer_id(name) if use_layers else 0
-        scale = layer_decay ** (num_layers - 1 - layer_id)
-        add(f"layer_{layer_id}", scale, name, p, _skip_weight_decay(name, p, no_decay_names))
-
-    seen = {id(p) for p in backbone.parameters()}
-    for i, module in enumerate(extra_modules):
-        for name, p in module.named_parameters():
-            if id(p) in seen or (trainable_only and not p.requires_grad):
-                continue
-            seen.add(id(p))
-            add("head", 1.0, f"extra{i}.{name}", p, _skip_weight_decay(name, p, ()))
+        ndim = len(shapes[key]) if shapes is not None and key in shapes else p.ndim
+        skip = _skip_weight_decay(rel, ndim, no_decay[i + 1])
+        if i < 0:
+            layer_id = backbone.param_layer_id(rel) if use_layers else 0
+            add(f"layer_{layer_id}", layer_decay ** (num_layers - 1 - layer_id), key, p, skip)
+        else:
+            add("head", 1.0, key, p, skip)
     return list(groups.values())
 
 
@@ -112,6 +161,87 @@ def steps_per_epoch(trainer: Any) -> Optional[float]:
     return math.ceil(n / trainer.accumulate_grad_batches)
 
 
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2020, *Large Batch Optimization for Deep Learning*): Adam's bias-corrected update
+    ``u = m̂ / (√v̂ + eps) + weight_decay * w``, scaled per parameter tensor by the trust ratio
+    ``‖w‖ / ‖u‖`` (1 when either norm is 0), then ``w -= lr * ratio * u``.
+
+    As in NVIDIA's and timm's implementations the trust ratio is applied only to groups with weight decay
+    (norms, biases and tokens take plain Adam steps) unless ``always_adapt``. No gradient-norm clipping
+    inside: the tasks clip globally (``grad_clip_norm``). Under FSDP with sharded parameters the norms are
+    those of the local shard.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: decay rates of the first and second moment estimates.
+        eps: added to √v̂.
+        weight_decay: decoupled weight decay (added to the update before the trust ratio).
+        always_adapt: apply the trust ratio to groups without weight decay too.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, always_adapt: bool = False) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Lamb: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      always_adapt=always_adapt))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype  # fp32 moments
+                grad = p.grad.to(dtype)
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = float(state["step"])
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                update = (m / (1 - beta1 ** t)) / (v / (1 - beta2 ** t)).sqrt().add_(group["eps"])
+                w = p.to(dtype)
+                if wd != 0:
+                    update.add_(w, alpha=wd)
+                if wd != 0 or group["always_adapt"]:
+                    w_norm, u_norm = w.norm(), update.norm()
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                    update.mul_(ratio)
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+        return loss
+
+
+def make_optimizer(name: str, groups: List[Dict[str, Any]], *, lr: float, momentum: float = 0.9,
+                   nesterov: bool = False) -> torch.optim.Optimizer:
+    """The optimiser ``name`` (``adamw``, ``sgd`` or ``lamb``) over ``groups``, whose ``lr`` and
+    ``weight_decay`` entries it keeps. AdamW and LAMB decay decoupled from the gradient (betas 0.9, 0.999);
+    SGD adds ``weight_decay * w`` to the gradient (L2), with ``momentum`` and optionally Nesterov momentum.
+    Raises ValueError for an unknown name or Nesterov without momentum."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=(0.9, 0.999))
+    if nesterov and momentum <= 0:
+        raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
 def build_optimizer(
     module: Any,
     groups: List[Dict[str, Any]],
@@ -121,11 +251,14 @@ def build_optimizer(
     warmup_epochs: float,
     warmup_steps: Optional[int],
     min_lr: float,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    nesterov: bool = False,
 ) -> Dict[str, Any]:
-    """AdamW over ``groups`` and a LambdaLR stepped every optimizer step, in the dict form that
-    ``LightningModule.configure_optimizers`` returns. Total steps come from
+    """The optimiser (:func:`make_optimizer`) over ``groups`` and a LambdaLR stepped every optimizer step,
+    in the dict form that ``LightningModule.configure_optimizers`` returns. Total steps come from
     ``module.trainer.estimated_stepping_batches``; ``warmup_steps`` overrides ``warmup_epochs``."""
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum, nesterov=nesterov)
     trainer = module.trainer
     total = int(trainer.estimated_stepping_batches)
     if warmup_steps is None:
@@ -140,5 +273,5 @@ def build_optimizer(
     def fn(step: int) -> float:
         return lr_factor(step, total_steps=total, warmup_steps=warmup, scheduler=scheduler, min_lr_ratio=ratio)
 
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

@@ -13,6 +13,7 @@ from vitmha.heads.segmentation import HEADS, build_head, run_head
 from vitmha.peft import apply_peft
 from vitmha.tasks.base import BackboneTask, build_backbone
 from vitmha.tasks.ema import ModelEma
+from vitmha.tasks.losses import focal_loss
 
 
 def segmentation_scores(confusion: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -117,8 +118,9 @@ class SemanticSegmenter(BackboneTask):
             here so that any image size works; from scratch ``weight_init`` defaults to ``jax``.
         ignore_index: target value that is left out of the loss and the metrics.
         dice_weight: weight of a soft Dice loss added to the cross-entropy; 0 = off.
-        lr: peak AdamW learning rate; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
-        weight_decay: AdamW weight decay (not on norms, biases, tokens, position embeddings).
+        lr: peak learning rate of the optimiser; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
+        weight_decay: weight decay (not on norms, biases, tokens, position embeddings, nor on what any
+            module lists in ``no_weight_decay()``, e.g. Segmenter's class embeddings).
         layer_decay: layer-wise lr decay of the backbone; the head always gets the full lr.
         warmup_epochs: linear warmup in epochs (may be fractional).
         warmup_steps: warmup in optimizer steps; overrides ``warmup_epochs``.
@@ -144,6 +146,17 @@ class SemanticSegmenter(BackboneTask):
             dropout, norms), ``linear_probe`` (= freeze_backbone) and ``full``; the backbone is frozen but
             the method's parameters and the head (and the norms with ``norms: true``); see vitmha.peft.
             None = full fine-tuning.
+        class_weights: per-class weights of the pixel loss, for rare classes: None (all 1), ``auto`` (inverse
+            pixel frequency over the train masks, ``ignore_index`` left out, scaled to average 1 over the
+            classes present), ``effective`` (Cui et al.'s effective number, beta 0.999) or a list of
+            ``num_classes`` weights. Computed once when fit starts (the train masks are read once), logged,
+            and saved in the checkpoint. With weights the loss is the weighted mean over pixels.
+        loss: ``ce`` (cross-entropy) or ``focal`` (focal loss, Lin et al. 2017; gamma 0 = cross-entropy);
+            the Dice term (``dice_weight``) is added to either, unweighted.
+        focal_gamma: focusing parameter of the focal loss.
+        optimizer: ``adamw``, ``sgd`` (with ``momentum``, optionally Nesterov) or ``lamb``.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
     """
 
     task = "segmentation"
@@ -178,12 +191,19 @@ class SemanticSegmenter(BackboneTask):
         grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
         peft: Optional[Dict[str, Any]] = None,
+        class_weights: Optional[Union[str, List[float]]] = None,
+        loss: str = "ce",
+        focal_gamma: float = 2.0,
+        optimizer: str = "adamw",
+        momentum: float = 0.9,
+        nesterov: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_common_args()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (background counts as a class), got {num_classes}")
+        self._init_class_weights(num_classes)
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if class_names is not None and len(class_names) != num_classes:
@@ -213,12 +233,17 @@ class SemanticSegmenter(BackboneTask):
         """(B,3,H,W) -> logits (B,K,H,W); the EMA weights in eval mode when ``ema_decay`` is set."""
         return (self.model if self.training else self.inference_model)(x)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy averaged over non-ignored pixels (0 when there are none) + ``dice_weight`` * Dice."""
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-entropy (or focal loss) averaged over non-ignored pixels, weighted by ``weight`` (C,) when
+        given (0 when no pixel counts) + ``dice_weight`` * Dice."""
         hp = self.hparams
         logits = logits.float()
-        valid = (target != hp.ignore_index).sum()
-        loss = F.cross_entropy(logits, target, ignore_index=hp.ignore_index, reduction="sum") / valid.clamp_min(1)
+        if hp.get("loss", "ce") == "focal" or weight is not None:
+            gamma = float(hp.focal_gamma) if hp.get("loss", "ce") == "focal" else 0.0
+            loss = focal_loss(logits, target, gamma=gamma, weight=weight, ignore_index=hp.ignore_index)
+        else:
+            valid = (target != hp.ignore_index).sum()
+            loss = F.cross_entropy(logits, target, ignore_index=hp.ignore_index, reduction="sum") / valid.clamp_min(1)
         if hp.dice_weight > 0:
             loss = loss + hp.dice_weight * dice_loss(logits, target, hp.ignore_index)
         return loss
@@ -240,7 +265,7 @@ class SemanticSegmenter(BackboneTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
-        loss = self.check_loss(self.loss(self.model(x), y))
+        loss = self.check_loss(self.loss(self.model(x), y, self._train_loss_weight()))
         if loss is None:
             return None
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
@@ -251,7 +276,7 @@ class SemanticSegmenter(BackboneTask):
         """``{"loss", "logits"}``: the (B, K, H, W) logits the metrics were computed from, for callbacks."""
         x, y = batch
         logits = self.predict_logits(x)
-        loss = self.loss(logits, y)
+        loss = self.loss(logits, y, self.loss_weight())
         confusion.update(logits.argmax(1), y)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         return {"loss": loss, "logits": logits.detach()}
