@@ -25,8 +25,8 @@ if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.p
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vitmha.inference import (Preprocess, ToolError, backbone_of, eval_transform, load_task,  # noqa: E402
-                              parse_backbone_kwargs, preprocess_config, pretrained_backbone, read_checkpoint,
+from vitmha.inference import (Preprocess, ToolError, backbone_of, display_rgb, eval_transform,  # noqa: E402
+                              load_task, parse_backbone_kwargs, preprocess_config, pretrained_backbone, read_checkpoint,
                               read_image, resolve_device, run_tool, task_kind)
 from vitmha.visualize import attention_maps, denormalize, save_attention_figure  # noqa: E402
 
@@ -62,6 +62,14 @@ def _from_backbone(args) -> Tuple[torch.nn.Module, Preprocess]:
     return bb, pre
 
 
+def _shown(x: torch.Tensor, pre: Preprocess) -> np.ndarray:
+    """A normalised (C, H, W) image of any channel count back in [0, 1], as (H, W, 3) uint8 to draw: grey
+    replicated, the first three bands of a multi-band image."""
+    c = x.shape[0]
+    img = x.detach().float().cpu() * torch.tensor(pre.std).view(c, 1, 1) + torch.tensor(pre.mean).view(c, 1, 1)
+    return display_rgb(img.clamp(0, 1).permute(1, 2, 0).numpy())
+
+
 @run_tool
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
@@ -82,12 +90,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         kind = "classification"
         title = f"{os.path.basename(args.input)} | {args.backbone}"
     bb = bb.to(device)
-    x = eval_transform(pre, kind)(image=read_image(args.input))["image"][None].to(device)
+    x = eval_transform(pre, kind)(image=read_image(args.input, pre))["image"][None].to(device)
     try:
         maps = attention_maps(bb, x, layer=args.layer, patch=tuple(args.patch) if args.patch else None)
     except ValueError as e:
         raise ToolError(str(e)) from None
-    shown = denormalize(x[0], pre.mean, pre.std)
+    shown = denormalize(x[0], pre.mean, pre.std) if x.shape[1] == 3 else _shown(x[0], pre)
     if max(shown.shape[:2]) < DISPLAY_MIN:
         from PIL import Image
 

@@ -6,8 +6,9 @@
     python tools/export.py --checkpoint last.ckpt --format safetensors --output backbone.safetensors
     python tools/export.py --checkpoint last.ckpt --format peft --output lora.safetensors
 
-``onnx`` and ``torchscript`` hold the whole task model: input the normalised image batch (B, 3, S, S) that
-the LightningModule's ``forward`` takes (S = the training image size, B free), output its logits
+``onnx`` and ``torchscript`` hold the whole task model: input the normalised image batch (B, C, S, S) that
+the LightningModule's ``forward`` takes (C = the model's input channels: 3, or its ``in_chans``; S = the
+training image size, B free), output its logits
 ((B, classes), or (B, classes, S, S) per-pixel logits for a segmenter). The export is checked against
 PyTorch on a batch of 3 random inputs and the largest difference printed. ``safetensors`` holds the ViT
 backbone in timm's key layout, loadable by ``timm.create_model(..., pretrained=True,
@@ -37,8 +38,8 @@ if os.path.isdir(os.path.join(_REPO_ROOT, "vitmha")) and _REPO_ROOT not in sys.p
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vitmha.inference import (ToolError, backbone_of, load_task, preprocess_config, read_checkpoint,  # noqa: E402
-                              run_tool, task_kind)
+from vitmha.inference import (ToolError, backbone_of, input_channels, load_task, preprocess_config,  # noqa: E402
+                              read_checkpoint, run_tool, task_kind)
 from vitmha.peft import merge_peft, parameter_counts, save_trainable, trainable_state_dict  # noqa: E402
 
 OPSET = 17
@@ -46,7 +47,7 @@ TOLERANCE = 1e-4
 
 
 class Logits(nn.Module):
-    """The task's evaluation forward: normalised images (B, 3, H, W) -> logits, as ``task(x)`` in eval mode."""
+    """The task's evaluation forward: normalised images (B, C, H, W) -> logits, as ``task(x)`` in eval mode."""
 
     def __init__(self, task: nn.Module) -> None:
         super().__init__()
@@ -84,7 +85,7 @@ def export_onnx(task: nn.Module, path: Path, size: int, opset: int = OPSET) -> D
     raises ToolError (and leaves ``path`` alone) when onnxruntime differs from PyTorch by more than 1e-4.
     """
     model = Logits(task).eval()
-    example = torch.randn(2, 3, size, size)
+    example = torch.randn(2, input_channels(task), size, size)
     dyn_out = {0: "batch"}
     tmp = _atomic_target(path)
     attention = "fused"
@@ -115,7 +116,7 @@ def check_onnx(model: nn.Module, path: Path, size: int, batch: int = 3) -> float
     """Largest |onnxruntime - PyTorch| over a random batch of ``batch`` images."""
     import onnxruntime as ort
 
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(batch, input_channels(model), size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -128,14 +129,14 @@ def check_onnx(model: nn.Module, path: Path, size: int, batch: int = 3) -> float
 def export_torchscript(task: nn.Module, path: Path, size: int) -> Dict[str, Any]:
     """``torch.jit.trace`` of the task's eval forward, checked on a batch of 3 (a different batch size)."""
     model = Logits(task).eval()
-    example = torch.randn(2, 3, size, size)
+    example = torch.randn(2, input_channels(task), size, size)
     tmp = _atomic_target(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, (example,), check_trace=False)
         traced.save(str(tmp))
         loaded = torch.jit.load(str(tmp))
-    x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(3, input_channels(task), size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = float((loaded(x) - model(x)).abs().max())
     os.replace(tmp, path)
@@ -225,13 +226,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         # a timm file cannot hold prompts or adapters: refused (PeftError) rather than written without them
         merge_peft(task.inference_model, strict=args.format == "safetensors")
     size = args.image_size or preprocess_config(task, ckpt).image_size
+    c = input_channels(task)
     if args.format == "onnx":
         info = export_onnx(task, out, size, args.opset)
-        print(f"wrote {out}: input 'input' (batch, 3, {size}, {size}), output 'logits'; {info['attention']} "
+        print(f"wrote {out}: input 'input' (batch, {c}, {size}, {size}), output 'logits'; {info['attention']} "
               f"attention; onnxruntime vs PyTorch max abs diff {info['max_abs_diff']:.2e} (batch of 3)")
     elif args.format == "torchscript":
         info = export_torchscript(task, out, size)
-        print(f"wrote {out}: torch.jit.load it; input (batch, 3, {size}, {size}); "
+        print(f"wrote {out}: torch.jit.load it; input (batch, {c}, {size}, {size}); "
               f"max abs diff vs PyTorch {info['max_abs_diff']:.2e} (batch of 3)")
     else:
         info = export_safetensors(task, out)

@@ -458,7 +458,12 @@ class SegmentationPredictionWriter(BasePredictionWriter):
                 if size is not None and tuple(mask.shape) != size:
                     mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
             image = None
-            if os.path.isfile(path):
+            read = getattr(getattr(trainer, "datamodule", None), "read", None)  # a file data module's: RGB, grey, bands
+            if os.path.isfile(path) and read is not None:
+                from vitmha.inference import display_rgb
+
+                image = display_rgb(read(path))
+            elif os.path.isfile(path):
                 with Image.open(path) as im:
                     image = np.asarray(im.convert("RGB"))
             save_mask_and_overlay(self.output_dir, self._names(path), mask.to(torch.int64).numpy(), image, self.alpha)

@@ -7,7 +7,7 @@ albumentations; the in-memory ones hold arrays, and the fastest of them collate 
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -60,8 +60,9 @@ class ImageLabelDataset(Dataset):
     """(path, label) items read from disk; keys ``(index, epoch)`` seed the augmentation."""
 
     def __init__(self, items: List[Tuple[str, int]], transform, image_size: Optional[int], seed: int = 0,
-                 what: str = "transforms"):
+                 what: str = "transforms", read: Callable[[str], np.ndarray] = read_rgb):
         self.items, self.transform, self.image_size, self.seed, self.what = items, transform, image_size, seed, what
+        self.read = read  # path -> (H, W, C) image: 8-bit RGB, or the file's channels (vitmha.data.io.image_reader)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -70,7 +71,7 @@ class ImageLabelDataset(Dataset):
         index, _ = split_key(key)
         path, label = self.items[index]
         seed_pipeline(self.transform, self.seed, key)
-        image = self.transform(image=read_rgb(path))["image"]
+        image = self.transform(image=self.read(path))["image"]
         _check_size(image, self.image_size, self.what, path)
         return image, label
 
@@ -79,9 +80,11 @@ class ImageMaskDataset(Dataset):
     """(image path, mask path) pairs; the mask goes through the same geometric transforms."""
 
     def __init__(self, items: List[Tuple[str, str]], transform, image_size: Optional[int], seed: int = 0,
-                 ignore_index: int = 255, reduce_zero_label: bool = False, what: str = "transforms"):
+                 ignore_index: int = 255, reduce_zero_label: bool = False, what: str = "transforms",
+                 read: Callable[[str], np.ndarray] = read_rgb):
         self.items, self.transform, self.image_size, self.seed = items, transform, image_size, seed
         self.ignore_index, self.reduce_zero_label, self.what = ignore_index, reduce_zero_label, what
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.items)
@@ -91,7 +94,7 @@ class ImageMaskDataset(Dataset):
         ipath, mpath = self.items[index]
         mask = remap_mask(read_mask(mpath), self.ignore_index, self.reduce_zero_label)
         seed_pipeline(self.transform, self.seed, key)
-        out = self.transform(image=read_rgb(ipath), mask=mask)
+        out = self.transform(image=self.read(ipath), mask=mask)
         _check_size(out["image"], self.image_size, self.what, ipath)
         return out["image"], torch.as_tensor(np.asarray(out["mask"])).long()
 
@@ -111,8 +114,10 @@ def remap_mask(mask: np.ndarray, ignore_index: int = 255, reduce_zero_label: boo
 class PredictDataset(Dataset):
     """Image files for prediction: {"image", "path", "orig_size": (H, W)}."""
 
-    def __init__(self, paths: List[str], transform, image_size: Optional[int], what: str = "val_transforms"):
+    def __init__(self, paths: List[str], transform, image_size: Optional[int], what: str = "val_transforms",
+                 read: Callable[[str], np.ndarray] = read_rgb):
         self.paths, self.transform, self.image_size, self.what = paths, transform, image_size, what
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -120,7 +125,7 @@ class PredictDataset(Dataset):
     def __getitem__(self, key: Key):
         index, _ = split_key(key)
         path = self.paths[index]
-        img = read_rgb(path)
+        img = self.read(path)
         image = self.transform(image=img)["image"]
         _check_size(image, self.image_size, self.what, path)
         return {"image": image, "path": path, "orig_size": (int(img.shape[0]), int(img.shape[1]))}
@@ -144,8 +149,8 @@ class _TensorClassification(Dataset):
                  seed: int = 0, image_size: Optional[int] = None, hflip: float = 0.0):
         self.images, self.labels = np.ascontiguousarray(images), np.asarray(labels, np.int64)
         self.unit = np.float32(1 / 255 if self.images.dtype == np.uint8 else 1.0)
-        self.mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-        self.std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+        self.mean = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)  # 3 values: grey -> RGB; 1: one channel
+        self.std = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
         self.augment, self.max_rotate, self.max_shift, self.scale = augment, max_rotate, max_shift, scale
         self.seed, self.hflip = seed, hflip
         self.size = int(image_size or self.images.shape[-1])

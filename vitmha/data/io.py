@@ -1,6 +1,7 @@
 """Reading images and masks from disk, and checking them cheaply before training."""
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import warnings
@@ -91,6 +92,101 @@ def read_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+# --- any number of channels (in_chans != 3) ------------------------------------------------------------
+_DTYPE_MAX = {("u", 1): 255.0, ("u", 2): 65535.0, ("i", 2): 32767.0, ("u", 4): 4294967295.0,  # (kind, bytes)
+              ("i", 4): 2147483647.0, ("b", 1): 1.0}
+_PIL_NATIVE = {"L": 1, "I;16": 1, "I;16L": 1, "I;16B": 1, "I;16N": 1, "I": 1, "F": 1, "LA": 2, "RGB": 3,
+               "RGBA": 4, "CMYK": 4}
+
+
+def _channels_last(a: np.ndarray, axes: str = "", in_chans: Optional[int] = None) -> np.ndarray:
+    """(H, W) / (H, W, C) / (C, H, W) -> (H, W, C). The channel axis is TIFF's sample axis ``S`` when the file
+    says so; else the end that equals ``in_chans`` (when only one does), else the smaller end."""
+    if a.ndim > 3:  # drop length-1 axes (a view, no copy)
+        axes = "".join(x for x, n in zip(axes, a.shape) if n != 1) if len(axes) == a.ndim else ""
+        a = a[tuple(0 if n == 1 else slice(None) for n in a.shape)]
+    if a.ndim == 2:
+        return a[:, :, None]
+    if a.ndim != 3:
+        raise ValueError(f"expected one 2-D image with channels, found an array of shape {a.shape}"
+                         + (f" (axes {axes})" if axes else ""))
+    if len(axes) == 3 and "S" in axes:
+        first = axes.index("S") == 0
+    elif in_chans is not None and (a.shape[0] == in_chans) != (a.shape[-1] == in_chans):
+        first = a.shape[0] == in_chans
+    else:
+        first = a.shape[0] < a.shape[-1]
+    return np.moveaxis(a, 0, -1) if first else a
+
+
+def _read_tiff(path: str, in_chans: Optional[int] = None) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        series = tf.series[0]
+        return _channels_last(series.asarray(), series.axes, in_chans)
+
+
+def read_native(path: str, in_chans: Optional[int] = None) -> np.ndarray:
+    """An image as stored, (H, W, C) in its own dtype: grey gives 1 channel, grey + alpha 2, RGB 3, RGBA and
+    CMYK 4, multi-band TIFF (H, W, C) or planar (C, H, W) C; palette images are expanded to RGB.
+    ``in_chans`` only decides which end of a TIFF's (n, h, m) array holds the channels when the file does not
+    say (a band stack written page by page)."""
+    if path.lower().endswith(_TIFF):
+        try:
+            return _read_tiff(path, in_chans)
+        except ValueError:
+            raise
+        except Exception:
+            pass  # fall back to PIL (tifffile may lack a codec PIL has)
+    with Image.open(path) as im:
+        mode = im.mode
+        if mode not in _PIL_NATIVE:
+            im = im.convert({"1": "L", "La": "LA", "PA": "RGBA", "RGBa": "RGBA"}.get(mode, "RGB"))
+        a = np.asarray(im)
+    if mode.startswith("I;16") or (mode == "I" and path.lower().endswith(".png")):
+        a = a.astype(np.uint16)  # PNG holds at most 16 bits; Pillow may hand them over as int32
+    return _channels_last(a)
+
+
+def _describe(c: int) -> str:
+    return {1: "grey", 2: "grey + alpha", 3: "RGB", 4: "RGBA, CMYK or 4 bands"}.get(c, "bands")
+
+
+def read_channels(path: str, in_chans: int, max_pixel_value: Optional[float] = None) -> np.ndarray:
+    """An image as (H, W, in_chans) float32, not converted to RGB: scaled to [0, 1] by ``max_pixel_value``,
+    else by its dtype's range (8 bit /255, 16 bit /65535, float taken as it is).
+
+    Raises ValueError naming the file when it has another number of channels.
+    """
+    a = read_native(path, in_chans)
+    c = a.shape[-1]
+    if c != in_chans:
+        raise ValueError(f"{path}: {c} channel(s) ({_describe(c)}, shape {a.shape[0]}×{a.shape[1]}×{c}), "
+                         f"expected in_chans={in_chans}")
+    return scale_to_unit(a, max_pixel_value)
+
+
+def scale_to_unit(a: np.ndarray, max_pixel_value: Optional[float] = None) -> np.ndarray:
+    """float32 ``a / max_pixel_value``, or ``a / (its dtype's largest value)``; float arrays are kept as they are."""
+    if max_pixel_value is not None:
+        return np.ascontiguousarray(a, dtype=np.float32) / np.float32(max_pixel_value)
+    if a.dtype.kind == "f":
+        return np.ascontiguousarray(a, dtype=np.float32)
+    top = _DTYPE_MAX.get((a.dtype.kind, a.dtype.itemsize))  # either byte order
+    if top is None:
+        raise ValueError(f"images of dtype {a.dtype} need an explicit max_pixel_value")
+    return np.ascontiguousarray(a, dtype=np.float32) / np.float32(top)
+
+
+def image_reader(in_chans: int = 3, max_pixel_value: Optional[float] = None) -> Callable[[str], np.ndarray]:
+    """The reader of the data modules: ``read_rgb`` (uint8 RGB) for 3 channels, else ``read_channels``
+    (float32 in [0, 1], the file's own channels). A ``max_pixel_value`` selects the float reader for 3 too."""
+    if int(in_chans) == 3 and max_pixel_value is None:
+        return read_rgb
+    return functools.partial(read_channels, in_chans=int(in_chans), max_pixel_value=max_pixel_value)
+
+
 def read_mask(path: str) -> np.ndarray:
     """Read a one-channel label mask as an (H, W) integer array (palette PNGs give their indices)."""
     with Image.open(path) as im:
@@ -102,25 +198,39 @@ def read_mask(path: str) -> np.ndarray:
     return a
 
 
-def check_image(path: str) -> Optional[str]:
+def check_image(path: str, in_chans: Optional[int] = None) -> Optional[str]:
     """Return None if ``path`` is a readable, complete image, else what is wrong with it.
 
     Cheap: PNG chunk CRCs via ``verify()``; JPEG decoded at 1/8 scale (still reads every byte);
-    other formats decoded fully unless huge.
+    other formats decoded fully unless huge. With ``in_chans`` the image is decoded as the data modules
+    read it for that many channels, and another channel count is a problem.
     """
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
+        if in_chans is not None:
+            image_reader(in_chans, 1.0)(path)
+            return None
         if path.lower().endswith(_TIFF):
             try:
                 import tifffile
 
                 with tifffile.TiffFile(path) as tf:
                     a = tf.pages[0].asarray()
+                    series = tf.series[0]
+                    shape, axes = tuple(series.shape), series.axes
                 _to_rgb(a)
-                return None
             except Exception:
                 pass  # let PIL have a go; its error is reported if it also fails
+            else:
+                try:
+                    bands = _channels_last(np.broadcast_to(np.uint8(0), shape), axes).shape[-1]
+                except ValueError:
+                    bands = 0  # a stack of images rather than one multi-band image: page 0 is read
+                if bands > 4:
+                    return (f"{bands} channels (bands, shape {shape}); read as RGB (in_chans=3) it would lose all "
+                            f"but 3: set in_chans: {bands} (the vitmha CLI: model.init_args.backbone_kwargs)")
+                return None
         with Image.open(path) as im:
             im.verify()
         with Image.open(path) as im:
@@ -135,20 +245,22 @@ def check_image(path: str) -> Optional[str]:
         return None
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)
         msg = str(e) or type(e).__name__
+        if in_chans is not None and msg.startswith(f"{path}: "):
+            return msg[len(path) + 2:]  # the channel count (the caller names the file)
         return f"unreadable image ({msg})"
 
 
-def image_size_of(path: str) -> Tuple[int, int]:
-    """(W, H) from the header, without decoding."""
+def image_size_of(path: str, in_chans: Optional[int] = None) -> Tuple[int, int]:
+    """(W, H) from the header, without decoding (a TIFF's channel axis found as ``read_native`` finds it)."""
     if path.lower().endswith(_TIFF):
         try:
             import tifffile
 
             with tifffile.TiffFile(path) as tf:
-                shape = tf.pages[0].shape
-            if len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
-                return shape[2], shape[1]
-            return shape[1], shape[0]
+                series = tf.series[0]
+                shape, axes = tuple(series.shape), series.axes
+            h, w, _ = _channels_last(np.broadcast_to(np.uint8(0), shape), axes, in_chans).shape
+            return w, h
         except Exception:
             pass
     with Image.open(path) as im:

@@ -14,10 +14,19 @@ import numpy as np
 from vitmha.data.base import BaseDataModule
 from vitmha.data.builtin import InMemoryClassificationModule
 from vitmha.data.datasets import _ArrayPredict, _RandomCrops, _Tiles
+from vitmha.data.channels import check_model_channels
 from vitmha.data.errors import DataValidationError
 from vitmha.data.sources import (FASHION_CLASSES, load_fashion_mnist, mnist5k_path, percentile_normalize,
                                  stardist_nuclei_paths)
 from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval
+
+
+def _grey_channels(in_chans: int) -> int:
+    """``in_chans`` of a grey dataset: 1 (as it is) or 3 (replicated); ValueError for others."""
+    if int(in_chans) not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (grey) or 3 (grey replicated to RGB) for this grey dataset, "
+                         f"got {in_chans}")
+    return int(in_chans)
 
 
 class FashionMNISTDataModule(InMemoryClassificationModule):
@@ -47,6 +56,7 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
+        in_chans: int = 3,
     ):
         """
         Args:
@@ -64,21 +74,26 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
             max_rotate: largest rotation in degrees.
             max_shift: largest shift as a fraction of the image side.
             scale: range of the random zoom; (1, 1) turns it off.
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean (0..1), one value per channel; default from ``backbone``'s pretrained config
+                (the mean of its RGB values for one channel), else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            in_chans: 3 (the grey image replicated, for RGB models) or 1 (the grey image itself, for a model
+                with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self._init_augment(augment=augment, hflip=hflip, max_rotate=max_rotate, max_shift=max_shift, scale=scale)
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=_grey_channels(in_chans))
         self.root, self.val_size, self.split_seed = root, val_size, split_seed
         self.num_classes = 10
         self.classes = list(FASHION_CLASSES)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if self.datasets:
             return
         from sklearn.model_selection import train_test_split
@@ -115,6 +130,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
+        in_chans: int = 3,
     ):
         """
         Args:
@@ -131,16 +147,20 @@ class MNIST5kDataModule(InMemoryClassificationModule):
             augment: random affine on train images (no flips: digits).
             max_rotate: largest rotation in degrees.
             max_shift: largest shift as a fraction of the image side.
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean (0..1), one value per channel; default from ``backbone``'s pretrained config
+                (the mean of its RGB values for one channel), else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            in_chans: 3 (the grey image replicated, for RGB models) or 1 (the grey image itself, for a model
+                with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self._init_augment(augment=augment, hflip=0.0, max_rotate=max_rotate, max_shift=max_shift, scale=(0.9, 1.1))
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=_grey_channels(in_chans))
         if not 0 < subset_fraction <= 1:
             raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -149,6 +169,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         self.classes = [str(i) for i in range(10)]
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if self.datasets:
             return
         from sklearn.model_selection import train_test_split
@@ -193,6 +214,7 @@ class NucleiDataModule(BaseDataModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
+        in_chans: int = 3,
     ):
         """
         Args:
@@ -205,9 +227,12 @@ class NucleiDataModule(BaseDataModule):
             persistent_workers: keep workers alive between epochs (only when num_workers > 0).
             seed: augmentation/crop seed; None = ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
             train_transforms: albumentations spec replacing the default joint train augmentation.
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean (0..1), one value per channel; default from ``backbone``'s pretrained config
+                (the mean of its RGB values for one channel), else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            in_chans: 3 (the grey image replicated, for RGB models) or 1 (the grey image itself, for a model
+                with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -216,7 +241,8 @@ class NucleiDataModule(BaseDataModule):
         self.crop_size, self.train_crops, self.val_columns = crop_size, train_crops, val_columns
         self.image_size = crop_size
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=_grey_channels(in_chans))
         self.num_classes = 2
         self.classes = ["background", "nucleus"]
         self.ignore_index = 255
@@ -231,6 +257,7 @@ class NucleiDataModule(BaseDataModule):
         self.val_transform = segmentation_eval(crop_size, self.mean, self.std)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if self.datasets:
             return
         import tifffile
@@ -241,7 +268,7 @@ class NucleiDataModule(BaseDataModule):
             raise DataValidationError([(mpath, f"mask {inst.shape} does not match image {img.shape}")])
         split = img.shape[1] - self.val_columns
         img8 = percentile_normalize(img, region=img[:, :split])
-        rgb = np.ascontiguousarray(np.repeat(img8[:, :, None], 3, axis=2))
+        rgb = np.ascontiguousarray(np.repeat(img8[:, :, None], self.in_chans, axis=2))  # (H, W, 1) or RGB
         fg = (inst > 0).astype(np.uint8)
         self.datasets["train"] = _RandomCrops(rgb[:, :split], fg[:, :split], self.crop_size, self.train_crops,
                                               self.train_transform)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 
 from vitmha.data.base import BaseDataModule, abspath
+from vitmha.data.channels import ChannelOptions, check_model_channels
 from vitmha.data.datasets import ImageMaskDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
 from vitmha.data.io import (check_image, expand_paths, image_size_of, list_dir, parallel_map, raise_or_skip,
@@ -15,15 +16,16 @@ from vitmha.data.io import (check_image, expand_paths, image_size_of, list_dir, 
 from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval, segmentation_train
 
 SPLITS = ("train", "val", "test")
-SEG_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SEG_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def check_pair(image: str, mask: str, num_classes: int, ignore_index: int, reduce_zero_label: bool,
-               root: str) -> List[Problem]:
-    """Problems with one image/mask pair: unreadable files, size mismatch, >1 channel, labels out of range."""
+               root: str, in_chans: Optional[int] = None) -> List[Problem]:
+    """Problems with one image/mask pair: unreadable files, size mismatch, >1 channel, labels out of range;
+    with ``in_chans`` (float images of their own channels) also another channel count."""
     rel_i, rel_m = os.path.relpath(image, root), os.path.relpath(mask, root)
     problems = []
-    err = check_image(image)
+    err = check_image(image, in_chans)
     if err:
         problems.append((rel_i, err))
     try:
@@ -35,7 +37,7 @@ def check_pair(image: str, mask: str, num_classes: int, ignore_index: int, reduc
     except Exception as e:
         return problems + [(rel_m, f"unreadable mask ({e or type(e).__name__})")]
     if not err:
-        isize = image_size_of(image)
+        isize = image_size_of(image, in_chans)
         if isize != msize:
             problems.append((rel_m, f"{msize[0]}×{msize[1]}, image is {isize[0]}×{isize[1]} (W×H)"))
     values = np.unique(m)
@@ -50,13 +52,15 @@ def check_pair(image: str, mask: str, num_classes: int, ignore_index: int, reduc
     return problems
 
 
-class SegmentationFolderDataModule(BaseDataModule):
+class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
     """Semantic segmentation from ``root/{train,val,test}/images`` and ``.../masks`` (same stems).
 
-    Masks are one-channel PNGs (palette PNGs give their indices) whose pixels are class indices, with
-    ``ignore_index`` for unlabelled pixels. Every pair is checked in ``setup`` (missing partner, size
-    mismatch, extra channels, labels out of range) and all problems are reported at once. Batches are
-    ``(image (B,3,H,W) float32, mask (B,H,W) int64)``; predict batches are dicts
+    Images are png, jpg or tif(f): 8-bit RGB with ``in_chans: 3``; with any other ``in_chans`` each file's own
+    channels as float in [0, 1] (grey: 1, multi-band TIFF (H, W, C) or planar (C, H, W): C; 16-bit scaled by
+    65535 or ``max_pixel_value``). Masks are one-channel PNGs (palette PNGs give their indices) whose pixels
+    are class indices, with ``ignore_index`` for unlabelled pixels. Every pair is checked in ``setup``
+    (missing partner, size mismatch, extra or missing channels, labels out of range) and all problems are
+    reported at once. Batches are ``(image (B,C,H,W) float32, mask (B,H,W) int64)``; predict batches are dicts
     ``{"image", "path", "orig_size" (B,2) (H,W)}`` with images resized to image_size.
     """
 
@@ -74,8 +78,8 @@ class SegmentationFolderDataModule(BaseDataModule):
         reduce_zero_label: bool = False,
         train_transforms: TransformSpec = None,
         val_transforms: TransformSpec = None,
-        mean: Optional[List[float]] = None,
-        std: Optional[List[float]] = None,
+        mean: Optional[Union[List[float], Literal["auto"]]] = None,
+        std: Optional[Union[List[float], Literal["auto"]]] = None,
         backbone: Optional[str] = None,
         hflip: float = 0.5,
         scale: Tuple[float, float] = (1.0, 1.0),
@@ -83,6 +87,8 @@ class SegmentationFolderDataModule(BaseDataModule):
         skip_bad_files: bool = False,
         check_files: bool = True,
         predict_paths: Optional[List[str]] = None,
+        in_chans: int = 3,
+        max_pixel_value: Optional[float] = None,
     ):
         """
         Args:
@@ -100,7 +106,10 @@ class SegmentationFolderDataModule(BaseDataModule):
             train_transforms: albumentations spec replacing the default joint train pipeline (list of names or
                 ``{class_path, init_args}`` dicts, or an ``A.to_dict`` dict); Normalize+ToTensorV2 are appended.
             val_transforms: the same for val/test/predict (default: resize to image_size, mask nearest).
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean, one value per channel (0..1) or one for all; default from ``backbone``'s
+                pretrained config (RGB values fitted to ``in_chans``: their mean for one channel, RGB channel
+                i mod 3 for more), else ImageNet; ``auto``: computed from the training images in ``setup``
+                (logged, and saved in the checkpoint's datamodule hyper-parameters for predict and export).
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
             hflip: probability of a horizontal flip in the default train pipeline.
@@ -111,6 +120,11 @@ class SegmentationFolderDataModule(BaseDataModule):
             skip_bad_files: skip bad pairs with one warning instead of failing.
             check_files: check every pair in ``setup`` (turn off only for huge, known-good datasets).
             predict_paths: files, folders or globs to predict on (default: ``root/predict``).
+            in_chans: image channels, the model's ``backbone_kwargs.in_chans`` (the vitmha CLI passes it on).
+                3: 8-bit RGB. Others: each file's own channels, float in [0, 1]; colour transforms that need RGB
+                are left out of the default pipelines and refused in ``train_transforms``.
+            max_pixel_value: divide pixels by this instead of their type's range (255 for 8 bit, 65535 for
+                16 bit), e.g. 10000 for Sentinel-2 reflectances; reads float channels even for 3.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -123,18 +137,28 @@ class SegmentationFolderDataModule(BaseDataModule):
         self.classes: List[str] = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
         self.image_size = int(image_size)
         self.ignore_index, self.reduce_zero_label = int(ignore_index), reduce_zero_label
+        mean, std = self._init_channels(in_chans, max_pixel_value, mean, std)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=in_chans)
         self.skip_bad_files, self.check_files = skip_bad_files, check_files
         self.predict_paths = predict_paths
-        self.train_transform = build_transforms(
-            train_transforms,
-            segmentation_train(self.image_size, self.mean, self.std, hflip, self.ignore_index, tuple(scale)),
-            self.mean, self.std, "train_transforms")
-        self.val_transform = build_transforms(
-            val_transforms, segmentation_eval(self.image_size, self.mean, self.std),
-            self.mean, self.std, "val_transforms")
+        self.train_spec, self.val_spec, self.hflip, self.scale = train_transforms, val_transforms, hflip, tuple(scale)
+        self._build_transforms()
         self._items: Optional[Dict[str, List[Tuple[str, str]]]] = None
+
+    def _build_transforms(self) -> None:
+        """The train and eval pipelines for the current mean/std, fitted to the images read."""
+        self.train_transform = self._fit(build_transforms(
+            self.train_spec,
+            segmentation_train(self.image_size, self.mean, self.std, self.hflip, self.ignore_index, self.scale),
+            self.mean, self.std, "train_transforms"), self.train_spec, "train_transforms")
+        self.val_transform = self._fit(build_transforms(
+            self.val_spec, segmentation_eval(self.image_size, self.mean, self.std),
+            self.mean, self.std, "val_transforms"), self.val_spec, "val_transforms")
+
+    def _train_paths(self) -> List[str]:
+        return [image for image, _ in self.validate_files()["train"]]
 
     def _list_split(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, str]]:
         folder = os.path.join(self.root, split)
@@ -197,8 +221,9 @@ class SegmentationFolderDataModule(BaseDataModule):
             items[split] = self._list_split(split, problems, bad)
         if self.check_files:
             for split, lst in items.items():
+                chans = self.in_chans if self.raw else None
                 results = parallel_map(lambda pair: check_pair(pair[0], pair[1], self.num_classes, self.ignore_index,
-                                                               self.reduce_zero_label, self.root), lst)
+                                                               self.reduce_zero_label, self.root, chans), lst)
                 keep = []
                 for pair, errs in zip(lst, results):
                     bad.extend(errs)
@@ -213,11 +238,13 @@ class SegmentationFolderDataModule(BaseDataModule):
         return items
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if stage == "predict":
             self._setup_predict()
             return
         items = self.validate_files()
-        kw = dict(ignore_index=self.ignore_index, reduce_zero_label=self.reduce_zero_label)
+        self._auto_stats()
+        kw = dict(ignore_index=self.ignore_index, reduce_zero_label=self.reduce_zero_label, read=self.read)
         self.datasets["train"] = ImageMaskDataset(items["train"], self.train_transform, self.image_size,
                                                   what="train_transforms", **kw)
         for split in ("val", "test"):
@@ -232,8 +259,8 @@ class SegmentationFolderDataModule(BaseDataModule):
         files, problems = expand_paths(specs, base=self.root)
         if problems or not files:
             raise DataValidationError(problems or [(str(specs), "no images to predict on")])
-        bad = [(p, e) for p, e in zip(files, parallel_map(check_image, files)) if e] if self.check_files else []
+        bad = [(p, e) for p, e in zip(files, parallel_map(self.check_image, files)) if e] if self.check_files else []
         raise_or_skip([], bad, self.skip_bad_files, self.root)
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
-                                                  self.image_size)
+                                                  self.image_size, read=self.read)

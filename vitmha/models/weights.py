@@ -4,7 +4,8 @@ Files: `.safetensors` (preferred), `.pth/.pt/.bin/.ckpt` (torch.load with weight
 would build arbitrary objects is refused, nothing in it runs), and big_vision/timm JAX `.npz`.
 Layouts converted: timm's own, Lightning checkpoints of vitmha tasks (their EMA weights when trained with EMA), DINOv2's original, OpenAI / Open CLIP
 visual towers, DeiT-3 / BEiT `gamma_1/gamma_2`. Then the position embedding is resampled to the model's
-grid, the patch kernel to its patch size, a classifier head of another size is re-initialised with a
+grid, the patch kernel adapted to its input channels (as timm does: summed for one channel, repeated and
+rescaled for others) and resampled to its patch size, a classifier head of another size is re-initialised with a
 warning, and any other missing, unexpected or mis-shaped key is an error that lists the keys.
 """
 from __future__ import annotations
@@ -275,9 +276,33 @@ def _fit_shapes(sd: StateDict, model: nn.Module, source: str) -> StateDict:
                                    f"the model's {tuple(target.shape)}: {e}") from None
         sd["pos_embed"] = pe
     k = "patch_embed.proj.weight"
+    if k in sd and k in own and sd[k].ndim == 4 and sd[k].shape[0] == own[k].shape[0] \
+            and sd[k].shape[1] != own[k].shape[1]:
+        sd[k] = adapt_input_channels(sd[k], own[k].shape[1])
     if k in sd and k in own and sd[k].shape[-2:] != own[k].shape[-2:] and sd[k].shape[:2] == own[k].shape[:2]:
         sd[k] = resample_patch_embed(sd[k], own[k].shape[-2:])
     return sd
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch kernel (D, C, kh, kw) for images of ``in_chans`` channels, as timm adapts pretrained weights.
+
+    One channel: the kernels summed over C (a grey image g = R = G = B gives the RGB model's embedding).
+    Otherwise the C kernels repeated cyclically (channel i takes kernel i mod C), cut to ``in_chans`` and
+    scaled by C / in_chans, which keeps the embedding's scale for inputs whose channels look alike.
+    Linear in the kernel, so it commutes with the patch-size resampling of ``resample_patch_embed``.
+    """
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    c = weight.shape[1]
+    if in_chans == c:
+        return weight
+    w = weight.float()
+    if in_chans == 1:
+        w = w.sum(dim=1, keepdim=True)
+    else:
+        w = w.repeat(1, math.ceil(in_chans / c), 1, 1)[:, :in_chans] * (c / in_chans)
+    return w.to(weight.dtype)
 
 
 def load_into(model: nn.Module, weights, source: str = "weights") -> None:
