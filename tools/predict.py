@@ -6,6 +6,9 @@
         --input data/samples/ --output preds/
 
 Classifiers write ``preds/predictions.csv``: one row per image with its top-k labels and probabilities.
+Multi-label classifiers write ``preds/predictions.csv`` with ``path,labels,probs,prob_<class>...``: the labels
+above their thresholds joined by ``;`` (most probable first; empty when none), their probabilities in the
+same order, then every class's probability.
 Segmenters write ``preds/<stem>_mask.png`` (one channel, pixel = class index, at the image's original size)
 and ``preds/<stem>_overlay.png`` (class colours over the image). Images are preprocessed as the run's
 validation data (resize to the training size, the run's mean/std); a segmentation image larger than the
@@ -27,9 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vitmha.inference import (Preprocess, ToolError, batched, collect_inputs, eval_transform, load_task,  # noqa: E402
-                              normalize_only, parse_backbone_kwargs, preprocess_config, pretrained_backbone,
-                              read_checkpoint, read_image, resolve_device, run_tool, task_kind)
+from vitmha.inference import (Preprocess, ToolError, batched, collect_inputs, display_rgb,  # noqa: E402
+                              eval_transform, load_task, normalize_only, parse_backbone_kwargs, preprocess_config,
+                              pretrained_backbone, read_checkpoint, read_image, resolve_device, run_tool, task_kind)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -73,9 +76,26 @@ def predict_classification(probs_fn, num_classes: int, pre: Preprocess, files: L
     out = PredictionsCsv(str(Path(args.output) / "predictions.csv"), args.topk, pre.classes)
     with _progress(len(files), args.no_progress, "predict") as bar:
         for chunk in batched(files, args.batch_size):
-            x = torch.stack([transform(image=read_image(p))["image"] for p in chunk]).to(device)
+            x = torch.stack([transform(image=read_image(p, pre))["image"] for p in chunk]).to(device)
             with torch.no_grad():
                 out.write(chunk, probs_fn(x))
+            bar.update(len(chunk))
+    return Path(out.close())
+
+
+def predict_multilabel(task, pre: Preprocess, files: List[str], args, device: torch.device) -> Path:
+    """Write ``predictions.csv`` (path, labels, probs, prob_<class>...) of a MultiLabelClassifier with the CLI's
+    writer: every label above the checkpoint's threshold for it; returns its path."""
+    from vitmha.tasks.multilabel import MultiLabelPredictionsCsv
+
+    transform = eval_transform(pre, "classification")
+    out = MultiLabelPredictionsCsv(str(Path(args.output) / "predictions.csv"), pre.classes or task.class_names,
+                                   task.thresholds)
+    with _progress(len(files), args.no_progress, "predict") as bar:
+        for chunk in batched(files, args.batch_size):
+            x = torch.stack([transform(image=read_image(p, pre))["image"] for p in chunk]).to(device)
+            with torch.no_grad():
+                out.write(chunk, task.eval_probs(x))
             bar.update(len(chunk))
     return Path(out.close())
 
@@ -116,9 +136,10 @@ def predict_segmentation(task, pre: Preprocess, files: List[str], args, device: 
     written = []
     with _progress(len(files), args.no_progress, "segment") as bar:
         for chunk in batched(files, args.batch_size):
-            images = [read_image(f) for f in chunk]
+            images = [read_image(f, pre) for f in chunk]  # the model's channels: RGB, grey or bands
             for f, img, logits in zip(chunk, images, segment_logits(task, pre, images, args.mode, device, transform)):
-                written.append(save_mask_and_overlay(args.output, names(f), logits.argmax(0).numpy(), img, args.alpha))
+                written.append(save_mask_and_overlay(args.output, names(f), logits.argmax(0).numpy(), display_rgb(img),
+                                                     args.alpha))
             bar.update(len(chunk))
     return written
 
@@ -149,6 +170,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if task_kind(task) == "segmentation":
         masks = predict_segmentation(task, pre, files, args, device)
         print(f"wrote {len(masks)} masks and overlays to {args.output}")
+    elif task_kind(task) == "multilabel":
+        out = predict_multilabel(task, pre, files, args, device)
+        print(f"wrote {out} ({len(files)} images)")
     else:
         # the task's own evaluation (EMA weights, mirror-image TTA): the probabilities `vitmha predict` writes
         out = predict_classification(lambda x: task.eval_log_probs(x).exp(), int(task.hparams.num_classes), pre,

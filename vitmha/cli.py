@@ -126,6 +126,9 @@ class VitmhaCLI(LightningCLI):
         # the data module normalises with the backbone's pretrained mean/std; a data module or model
         # without a `backbone` argument simply gets no link
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", apply_on="parse")
+        # images are read with the channels the patch embedding takes: backbone_kwargs.in_chans (default 3)
+        parser.link_arguments("model.init_args.backbone_kwargs", "data.init_args.in_chans",
+                              compute_fn=backbone_in_chans, apply_on="parse")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -231,6 +234,10 @@ class VitmhaCLI(LightningCLI):
             if output_dir and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
                 if is_segmenter(self.model):
                     callbacks.append(SegmentationPredictionWriter(output_dir))
+                elif getattr(self.model, "task", None) == "multilabel":
+                    from vitmha.tasks.multilabel import MultiLabelPredictionWriter  # labels above their thresholds
+
+                    callbacks.append(MultiLabelPredictionWriter(output_dir))
                 else:
                     callbacks.append(ClassificationPredictionWriter(output_dir, top_k=predict_cfg.get("top_k", 5)))
         if self.subcommand == "test" and not any(type(c).__name__ == "EvaluationReport" for c in callbacks):
@@ -300,6 +307,11 @@ class VitmhaCLI(LightningCLI):
 
     def after_validate(self) -> None:
         self._after_eval("validate")
+
+
+def backbone_in_chans(backbone_kwargs: Any) -> int:
+    """The image channels a task's ``backbone_kwargs`` give its backbone (3 unless ``in_chans`` is set)."""
+    return int((backbone_kwargs or {}).get("in_chans", 3))
 
 
 def _root_dir(trainer_config: Any) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "ToolError", "Preprocess", "read_checkpoint", "task_class_path", "load_task", "task_kind", "backbone_of",
     "preprocess_config", "eval_transform", "normalize_only", "collect_inputs", "read_image", "batched",
     "resolve_device", "run_tool", "pretrained_backbone", "parse_pretrained", "parse_backbone_kwargs",
+    "display_rgb", "input_channels",
 ]
 
 CLASSIFIER = "vitmha.tasks.ImageClassifier"
@@ -30,6 +31,9 @@ SEGMENTER = "vitmha.tasks.SemanticSegmenter"
 _TASK_PATHS = {CLASSIFIER: ("vitmha.tasks", "ImageClassifier"), SEGMENTER: ("vitmha.tasks", "SemanticSegmenter")}
 _ALIASES = {"vitmha.tasks.classification.ImageClassifier": CLASSIFIER,
             "vitmha.tasks.segmentation.SemanticSegmenter": SEGMENTER}
+MULTILABEL = "vitmha.tasks.MultiLabelClassifier"
+_TASK_PATHS[MULTILABEL] = ("vitmha.tasks", "MultiLabelClassifier")
+_ALIASES["vitmha.tasks.multilabel.MultiLabelClassifier"] = MULTILABEL
 
 T = TypeVar("T")
 
@@ -50,11 +54,13 @@ def task_class_path(ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
     if isinstance(cp, str):
         cp = _ALIASES.get(cp, cp)
         if cp not in _TASK_PATHS:
-            raise ToolError(f"{path}: the checkpoint is of {cp}; the tools handle {CLASSIFIER} and {SEGMENTER}")
+            raise ToolError(f"{path}: the checkpoint is of {cp}; the tools handle {', '.join(_TASK_PATHS)}")
         return cp
     if "backbone" not in hp or "num_classes" not in hp:
         raise ToolError(f"{path}: the checkpoint has no task hyper-parameters (backbone, num_classes); was it "
                         "saved from a vitmha.tasks module with save_hyperparameters()?")
+    if "tune_thresholds" in hp:  # only the multi-label task has it
+        return MULTILABEL
     return SEGMENTER if "head" in hp else CLASSIFIER
 
 
@@ -79,7 +85,9 @@ def load_task(checkpoint: str, map_location: Any = "cpu", ckpt: Optional[Dict[st
 
 
 def task_kind(task: nn.Module) -> str:
-    """``"segmentation"`` or ``"classification"``."""
+    """``"segmentation"``, ``"multilabel"`` or ``"classification"``."""
+    if getattr(task, "task", None) == "multilabel":
+        return "multilabel"
     return "segmentation" if getattr(task, "task", None) == "segmentation" else "classification"
 
 
@@ -99,18 +107,26 @@ class Preprocess:
     """How a run fed images to its model at evaluation time.
 
     ``source`` says where mean/std came from: the run's data module hyper-parameters or the backbone's
-    pretrained config.
+    pretrained config. ``in_chans`` is the model's input channels: 3 reads 8-bit RGB; any other count (or a
+    ``max_pixel_value``) reads each file's own channels as float in [0, 1] (``raw``), as the data modules do.
     """
 
     image_size: int
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
     crop_pct: Optional[float] = None
     val_transforms: Any = None
     classes: Optional[List[str]] = None
     ignore_index: int = 255
     source: str = "backbone"
     datamodule: Dict[str, Any] = field(default_factory=dict)
+    in_chans: int = 3
+    max_pixel_value: Optional[float] = None
+
+    @property
+    def raw(self) -> bool:
+        """True when images are read as float channels in [0, 1] rather than 8-bit RGB."""
+        return self.in_chans != 3 or self.max_pixel_value is not None
 
 
 def _backbone_image_size(bb: nn.Module) -> int:
@@ -131,6 +147,10 @@ def _class_names(task: nn.Module, dm: Dict[str, Any], k: int) -> Optional[List[s
         from vitmha.data.sources import SHAPE_CLASSES
 
         names = list(SHAPE_CLASSES)
+    if not names and cp.endswith("FashionMNISTDataModule"):
+        from vitmha.data.sources import FASHION_CLASSES
+
+        names = list(FASHION_CLASSES)
     if not names and dm.get("root") and not dm.get("csv"):  # ImageFolder: the sorted class folders under train/
         train = os.path.join(os.path.expanduser(str(dm["root"])), "train")
         if os.path.isdir(train):
@@ -140,26 +160,63 @@ def _class_names(task: nn.Module, dm: Dict[str, Any], k: int) -> Optional[List[s
     return None
 
 
+def input_channels(model: nn.Module) -> int:
+    """Input channels of the ViT in ``model`` (its patch embedding's)."""
+    from vitmha.data.channels import model_in_chans
+
+    c = model_in_chans(model)
+    return 3 if c is None else c
+
+
+def _saved_normalization(ckpt: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The mean/std a data module computed for ``auto`` and kept in its checkpoint state, if any."""
+    for value in ckpt.values():
+        if isinstance(value, dict) and isinstance(value.get("normalization"), dict):
+            return value["normalization"]
+    return None
+
+
 def preprocess_config(task: nn.Module, ckpt: Dict[str, Any]) -> Preprocess:
     """The eval preprocessing of the run: image size and mean/std from the data module's saved
-    hyper-parameters (resolved the way the data modules resolve them), else from the backbone."""
+    hyper-parameters (resolved the way the data modules resolve them, for the model's input channels),
+    else from the backbone. Raises ToolError when the run's ``auto`` statistics are not in the checkpoint."""
     from vitmha.data.transforms import resolve_mean_std
 
     bb = backbone_of(task)
+    c = input_channels(bb)
     dm = dict(ckpt.get("datamodule_hyper_parameters") or {})
     k = int(task.hparams.num_classes)
     size = dm.get("image_size") or _backbone_image_size(bb)
     if dm:
-        mean, std = resolve_mean_std(dm.get("mean"), dm.get("std"), dm.get("backbone"))
+        mean, std = dm.get("mean"), dm.get("std")
+        if isinstance(mean, str) or isinstance(std, str):  # 'auto': the values the run computed
+            saved = _saved_normalization(ckpt) or {}
+            mean, std = (saved.get(key) if isinstance(v, str) else v for key, v in (("mean", mean), ("std", std)))
+            if mean is None or std is None:
+                raise ToolError("the run normalised with mean/std 'auto', but this checkpoint holds no computed "
+                                "values (was it written before training started?); pass them to the data module")
+        try:
+            mean, std = resolve_mean_std(mean, std, dm.get("backbone"), c)
+        except ValueError as e:
+            raise ToolError(f"the checkpoint's data module: {e}") from None
         source = "datamodule"
     else:
-        cfg = getattr(bb, "pretrained_cfg", {}) or {}
-        mean, std = resolve_mean_std(cfg.get("mean"), cfg.get("std"), None)
+        mean, std = _backbone_mean_std(bb, c)
         source = "backbone"
     return Preprocess(image_size=int(size), mean=mean, std=std, crop_pct=dm.get("crop_pct"),
                       val_transforms=dm.get("val_transforms"), classes=_class_names(task, dm, k),
                       ignore_index=int(task.hparams.get("ignore_index", dm.get("ignore_index", 255))),
-                      source=source, datamodule=dm)
+                      source=source, datamodule=dm, in_chans=c, max_pixel_value=dm.get("max_pixel_value"))
+
+
+def _backbone_mean_std(bb: nn.Module, in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The backbone's pretrained mean/std (ImageNet's when it has none), fitted to ``in_chans`` channels as
+    the data modules fit them."""
+    from vitmha.data.transforms import IMAGENET_MEAN, IMAGENET_STD, rgb_stats_for_channels
+
+    cfg = getattr(bb, "pretrained_cfg", {}) or {}
+    return (rgb_stats_for_channels(cfg.get("mean") or IMAGENET_MEAN, in_chans),
+            rgb_stats_for_channels(cfg.get("std") or IMAGENET_STD, in_chans))
 
 
 def parse_pretrained(value: Any) -> Any:
@@ -216,25 +273,47 @@ def pretrained_backbone(name: str, pretrained: Any = True,
     bb = create_backbone(name, pretrained=parse_pretrained(pretrained), **(backbone_kwargs or {})).eval()
     cfg = bb.pretrained_cfg  # the subset vitmha keeps: mean, std, crop_pct, input size, ...
     classes = imagenet_class_names(pretrained_cfg(name), int(getattr(bb, "num_classes", 0) or 0))
-    return bb, Preprocess(image_size=_backbone_image_size(bb), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                          crop_pct=cfg.get("crop_pct"), classes=classes, source="backbone")
+    c = input_channels(bb)
+    mean, std = _backbone_mean_std(bb, c)
+    return bb, Preprocess(image_size=_backbone_image_size(bb), mean=mean, std=std, crop_pct=cfg.get("crop_pct"),
+                          classes=classes, source="backbone", in_chans=c)
 
 
 def eval_transform(pre: Preprocess, kind: str):
-    """The albumentations eval pipeline of the data modules: (H, W, 3) uint8 -> normalised (3, S, S) tensor."""
+    """The albumentations eval pipeline of the data modules: an image as ``read_image`` gives it ((H, W, 3)
+    uint8, or (H, W, C) float in [0, 1]) -> normalised (C, S, S) tensor."""
+    from vitmha.data.channels import fit_pipeline
     from vitmha.data.transforms import build_transforms, classification_eval, segmentation_eval
 
     if kind == "segmentation":
         default = segmentation_eval(pre.image_size, pre.mean, pre.std)
     else:
         default = classification_eval(pre.image_size, pre.mean, pre.std, pre.crop_pct)
-    return build_transforms(pre.val_transforms, default, pre.mean, pre.std, "val_transforms")
+    pipeline = build_transforms(pre.val_transforms, default, pre.mean, pre.std, "val_transforms")
+    return fit_pipeline(pipeline, pre.in_chans, pre.raw, pre.image_size, "val_transforms",
+                        user=pre.val_transforms is not None)
 
 
 def normalize_only(image: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with the run's mean/std, size unchanged."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-    return (x - torch.tensor(pre.mean).view(3, 1, 1)) / torch.tensor(pre.std).view(3, 1, 1)
+    """(H, W, C) image (uint8, or float in [0, 1]) -> (C, H, W) float32 normalised with the run's mean/std,
+    size unchanged."""
+    x = torch.from_numpy(np.ascontiguousarray(image))
+    x = (x[:, :, None] if x.ndim == 2 else x).permute(2, 0, 1).float()
+    if image.dtype == np.uint8:
+        x = x.div_(255.0)
+    c = x.shape[0]
+    return (x - torch.tensor(pre.mean).view(c, 1, 1)) / torch.tensor(pre.std).view(c, 1, 1)
+
+
+def display_rgb(image: np.ndarray) -> np.ndarray:
+    """An image as ``read_image`` gives it, as (H, W, 3) uint8 RGB for overlays and figures: grey (and
+    grey + alpha) replicated, the first three channels of 3 or more, float in [0, 1] times 255."""
+    a = np.asarray(image)
+    a = a[:, :, None] if a.ndim == 2 else a
+    a = np.repeat(a[:, :, :1], 3, axis=2) if a.shape[2] < 3 else a[:, :, :3]
+    if a.dtype != np.uint8:
+        a = np.clip(a.astype(np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -253,16 +332,22 @@ def collect_inputs(specs: Sequence[str]) -> List[str]:
     return files
 
 
-def read_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB (grey replicated, alpha dropped, 16-bit scaled); ToolError naming the file."""
-    from vitmha.data.io import read_rgb
+def read_image(path: str, pre: Optional[Preprocess] = None) -> np.ndarray:
+    """The image as the run's data module read it: (H, W, 3) uint8 RGB (grey replicated, alpha dropped, 16-bit
+    scaled), or with ``pre.raw`` (H, W, pre.in_chans) float in [0, 1]; ToolError naming the file, also when it
+    has another number of channels."""
+    from vitmha.data.io import image_reader
 
+    read = image_reader(pre.in_chans, pre.max_pixel_value) if pre is not None else image_reader()
     try:
-        return read_rgb(path)
+        return read(path)
     except FileNotFoundError:
         raise ToolError(f"{path}: no such file") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds
-        raise ToolError(f"{path}: unreadable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if msg.startswith(f"{path}: "):  # the reader named the file: another channel count
+            raise ToolError(msg) from None
+        raise ToolError(f"{path}: unreadable image ({msg})") from None
 
 
 def batched(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:

@@ -2,6 +2,8 @@
 from vitmha.data.builtin import DigitsDataModule, SyntheticShapesDataModule
 from vitmha.data.errors import DataValidationError, DatasetNotInstalledError
 from vitmha.data.folder import ImageFolderDataModule
+from vitmha.data.multilabel import (MultiLabelCSVDataModule, SyntheticShapesMultiLabelDataModule,
+                                   export_multilabel_shapes)
 from vitmha.data.realdata import FashionMNISTDataModule, MNIST5kDataModule, NucleiDataModule
 from vitmha.data.sampling import EpochSeededSampler
 from vitmha.data.segmentation import SegmentationFolderDataModule
@@ -10,6 +12,9 @@ from vitmha.data.transforms import build_transforms
 
 __all__ = [
     "ImageFolderDataModule",
+    "MultiLabelCSVDataModule",
+    "SyntheticShapesMultiLabelDataModule",
+    "export_multilabel_shapes",
     "SegmentationFolderDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",

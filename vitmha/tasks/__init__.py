@@ -1,5 +1,6 @@
-"""Lightning tasks: image classification and semantic segmentation on vitmha backbones."""
+"""Lightning tasks: image classification (single- and multi-label) and semantic segmentation on vitmha backbones."""
 from vitmha.tasks.classification import ImageClassifier
+from vitmha.tasks.multilabel import MultiLabelClassifier
 from vitmha.tasks.segmentation import SemanticSegmenter
 
-__all__ = ["ImageClassifier", "SemanticSegmenter"]
+__all__ = ["ImageClassifier", "MultiLabelClassifier", "SemanticSegmenter"]

@@ -1,0 +1,499 @@
+"""Multi-label image classification with a vitmha backbone: any number of labels per image.
+
+One sigmoid per class, trained with binary cross-entropy or the asymmetric loss (ASL, Ridnik et al., *Asymmetric
+Loss For Multi-Label Classification*, ICCV 2021). A label is predicted when its probability is above its class's
+threshold (0.5, or tuned on the validation set to maximise each class's F1 and kept in the checkpoint).
+Also here: the scores (:func:`multilabel_scores`), the evaluation report ``vitmha test`` and tools/evaluate.py
+write, and the ``predictions.csv`` writer of ``vitmha predict`` and tools/predict.py.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import nn
+from torchmetrics import Metric
+from torchmetrics.functional.classification import (multilabel_average_precision, multilabel_f1_score,
+                                                    multilabel_precision, multilabel_recall)
+from torchmetrics.utilities import dim_zero_cat
+
+from vitmha.peft import apply_peft
+from vitmha.tasks.base import BackboneTask, build_backbone
+from vitmha.tasks.ema import ModelEma
+from vitmha.tasks.segmentation import _metric_key
+
+LOSSES = ("bce", "asl")
+
+
+class ClassMismatchError(ValueError):
+    """The class names of a checkpoint or of the task disagree with the data's."""
+
+
+# ----------------------------------------------------------------------------------------------- losses
+def asymmetric_loss(logits: torch.Tensor, target: torch.Tensor, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
+                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
+    """ASL (Ridnik et al., 2021), averaged over all (B, C) elements like ``F.binary_cross_entropy_with_logits``.
+
+    With p = sigmoid(logits) and the shifted probability p_m = max(p - clip, 0) of negatives:
+    ``-[y (1 - p)^gamma_pos log p + (1 - y) p_m^gamma_neg log(1 - p_m)]``. Gammas 0 and clip 0 give BCE.
+    ``target`` may be soft (label smoothing). The paper sums over elements; the mean keeps the scale of BCE.
+    """
+    x, y = logits.float(), target.float()
+    p = torch.sigmoid(x)
+    log_pos = F.logsigmoid(x)
+    if clip > 0:
+        p_neg = (p - clip).clamp(min=0)
+        log_neg = torch.log((1 - p_neg).clamp(min=eps))
+    else:
+        p_neg, log_neg = p, F.logsigmoid(-x)
+    loss_pos, loss_neg = y * log_pos, (1 - y) * log_neg
+    if gamma_pos > 0:
+        loss_pos = loss_pos * (1 - p).pow(gamma_pos)
+    if gamma_neg > 0:
+        loss_neg = loss_neg * p_neg.pow(gamma_neg)
+    return -(loss_pos + loss_neg).mean()
+
+
+# ----------------------------------------------------------------------------------------------- scores
+def multilabel_scores(probs: torch.Tensor, target: torch.Tensor, thresholds: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Scores of (N, C) probabilities against (N, C) 0/1 targets, a label predicted where probs > thresholds (C,):
+    ``map`` (macro average precision, threshold-free; classes without a positive are left out of the mean),
+    ``map_micro``, ``f1``/``precision``/``recall`` (macro) and ``f1_micro`` at the thresholds, ``ap`` (C,)
+    per class (NaN for a class without a positive), all with torchmetrics."""
+    probs, target = probs.float(), target.long()
+    c = probs.shape[1]
+    pred = (probs > thresholds.to(probs)).long()
+    with_pos = target.sum(0) > 0
+    ap = probs.new_full((c,), float("nan"))
+    if bool(with_pos.any()):  # AP is undefined without a positive: those classes are not scored at all
+        ap[with_pos] = multilabel_average_precision(probs[:, with_pos], target[:, with_pos], int(with_pos.sum()),
+                                                    average=None, thresholds=None).float()
+    return {
+        "map": ap[with_pos].mean() if bool(with_pos.any()) else ap.new_tensor(float("nan")),
+        "map_micro": multilabel_average_precision(probs, target, c, average="micro", thresholds=None),
+        "f1": multilabel_f1_score(pred, target, c, average="macro"),
+        "f1_micro": multilabel_f1_score(pred, target, c, average="micro"),
+        "precision": multilabel_precision(pred, target, c, average="macro"),
+        "recall": multilabel_recall(pred, target, c, average="macro"),
+        "ap": ap,
+    }
+
+
+def tune_thresholds(probs: torch.Tensor, target: torch.Tensor,
+                    default: Union[float, torch.Tensor] = 0.5) -> torch.Tensor:
+    """Per-class thresholds (C,) that maximise each class's F1 on (N, C) probabilities and 0/1 targets: the
+    midpoint between the last score kept positive and the next lower one (the highest such cut among ties
+    of F1). A class without a positive keeps ``default``."""
+    probs, target = probs.double().cpu(), target.bool().cpu()
+    n, c = probs.shape
+    out = torch.as_tensor(default, dtype=torch.double).expand(c).clone()
+    for k in range(c):
+        positives = int(target[:, k].sum())
+        if positives == 0 or n == 0:
+            continue
+        order = probs[:, k].argsort(descending=True)
+        p, t = probs[order, k], target[order, k]
+        f1 = 2 * t.cumsum(0).double() / (torch.arange(1, n + 1, dtype=torch.double) + positives)
+        f1[torch.cat([p[:-1] <= p[1:], torch.tensor([False])])] = -1.0  # only cut between distinct scores
+        best = int(f1.argmax())
+        lower = float(p[best + 1]) if best + 1 < n else 0.0
+        out[k] = (float(p[best]) + lower) / 2
+    return out.float()
+
+
+class _ProbsAndTargets(Metric):
+    """Keeps every (probs, target) row of an epoch (gathered across processes under DDP)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        self.probs.append(probs.detach().float())
+        self.target.append(target.detach().long())
+
+    def compute(self):
+        return dim_zero_cat(self.probs), dim_zero_cat(self.target)
+
+
+def _names(names: Optional[Sequence[str]], k: int) -> List[str]:
+    return [str(n) for n in names] if names and len(names) == k else [str(i) for i in range(k)]
+
+
+# ----------------------------------------------------------------------------------------------- task
+class MultiLabelClassifier(BackboneTask):
+    """A vision transformer that predicts any number of labels per image: ``forward(x)`` (B,3,H,W) -> logits
+    (B, num_classes), one sigmoid per class. Targets are (B, C) 0/1.
+
+    Logs ``train/loss``, ``val/loss``, ``val/map`` (macro average precision, the checkpoint monitor),
+    ``val/map_micro``, ``val/f1`` (macro), ``val/f1_micro``, ``val/precision``, ``val/recall`` (macro, at the
+    thresholds) and the same under ``test/``, plus ``test/ap_<class>`` per class. A label is predicted when its
+    probability is above its threshold. With ``tune_thresholds`` each validation during ``fit`` picks every
+    class's threshold to maximise its F1 on the validation set; ``val/f1`` is then measured at thresholds tuned
+    on the same images (optimistic), ``test/f1`` on held-out ones. The thresholds are a buffer of the task,
+    saved in its checkpoints. With ``ema_decay`` set, evaluation uses the EMA weights.
+
+    Args:
+        backbone: timm ViT architecture name, e.g. ``vit_small_patch16_224``.
+        num_classes: number of labels (the CLI links it from the data module).
+        class_names: label names, for ``test/ap_<name>``, reports and predictions; default the data module's
+            ``classes`` (filled in at setup and saved in the checkpoint).
+        pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
+        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, depth, ...). From
+            scratch ``weight_init`` defaults to ``jax`` (big_vision's init).
+        loss: ``bce`` (binary cross-entropy with logits) or ``asl`` (asymmetric loss).
+        asl_gamma_pos: ASL focusing parameter of positives (the paper's gamma+ = 0).
+        asl_gamma_neg: ASL focusing parameter of negatives (the paper's gamma- = 4).
+        asl_clip: ASL probability margin m of negatives (the paper's 0.05).
+        label_smoothing: targets become y (1 - eps) + eps / 2 in training; 0 = off.
+        threshold: the initial decision threshold, one for all classes or a list with one per class.
+        tune_thresholds: after each validation in ``fit``, set each class's threshold to maximise its F1 on
+            the validation set (a class without a positive there keeps its threshold).
+        lr: peak learning rate of AdamW; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
+        weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
+        layer_decay: layer-wise lr decay; 1.0 = off.
+        warmup_epochs: linear warmup length in epochs (may be fractional).
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs``.
+        min_lr: lr at the end of the schedule.
+        scheduler: ``cosine``, ``poly`` (power 0.9) or ``constant`` after warmup, stepped every step.
+        drop_path_rate: stochastic depth rate; None keeps the architecture's default.
+        freeze_backbone: train the classifier head only (linear probe).
+        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks frozen.
+        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on (single device).
+        ema_decay: keep an EMA of the weights with this decay and evaluate with it.
+        tta_hflip: validate, test and predict on each image and its mirror image, averaging the probabilities.
+        grad_checkpointing: recompute block activations in backward to save memory.
+        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
+            ``gradient_clip_val``; None = no clipping.
+        nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip`` skips it.
+        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``
+            (as ImageClassifier); None = full fine-tuning.
+    """
+
+    task = "multilabel"
+    monitor = "val/map"
+    losses = LOSSES  # BackboneTask checks ``loss`` against these
+
+    def __init__(
+        self,
+        backbone: str = "vit_tiny_patch16_224",
+        num_classes: int = 10,
+        class_names: Optional[List[str]] = None,
+        pretrained: Union[bool, str] = False,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        loss: str = "bce",
+        asl_gamma_pos: float = 0.0,
+        asl_gamma_neg: float = 4.0,
+        asl_clip: float = 0.05,
+        label_smoothing: float = 0.0,
+        threshold: Union[float, List[float]] = 0.5,
+        tune_thresholds: bool = False,
+        lr: Optional[float] = None,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        warmup_epochs: float = 5.0,
+        warmup_steps: Optional[int] = None,
+        min_lr: float = 1e-6,
+        scheduler: str = "cosine",
+        drop_path_rate: Optional[float] = None,
+        freeze_backbone: bool = False,
+        freeze_blocks: int = 0,
+        unfreeze_at_epoch: Optional[int] = None,
+        ema_decay: Optional[float] = None,
+        tta_hflip: bool = False,
+        grad_checkpointing: bool = False,
+        grad_clip_norm: Optional[float] = 1.0,
+        nonfinite: str = "error",
+        peft: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._check_common_args()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if min(asl_gamma_pos, asl_gamma_neg) < 0 or not 0 <= asl_clip < 1:
+            raise ValueError(f"ASL needs gammas >= 0 and 0 <= clip < 1, got gamma_pos={asl_gamma_pos}, "
+                             f"gamma_neg={asl_gamma_neg}, clip={asl_clip}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        thr = torch.as_tensor(threshold, dtype=torch.float32).flatten()
+        if thr.numel() == 1:
+            thr = thr.expand(num_classes).clone()
+        if thr.numel() != num_classes or not bool(((thr >= 0) & (thr <= 1)).all()):
+            raise ValueError(f"threshold must be one value or {num_classes} values in [0, 1], got {threshold}")
+        self.register_buffer("thresholds", thr)  # (C,): in the state dict, so in every checkpoint
+
+        self.model = build_backbone(backbone, pretrained, backbone_kwargs, drop_path_rate, num_classes=num_classes)
+        apply_peft(self.model, self.peft_spec)
+        self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.val_scores = _ProbsAndTargets()
+        self.test_scores = _ProbsAndTargets()
+
+    @property
+    def class_names(self) -> List[str]:
+        """The label names (``class_names``, else "0", "1", ...)."""
+        return _names(self.hparams.get("class_names"), int(self.hparams.num_classes))
+
+    def frozen_parameters(self) -> List[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if not n.startswith("head.")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> logits (B, num_classes); the EMA weights in eval mode when ``ema_decay`` is set."""
+        return (self.model if self.training else self.inference_model)(x)
+
+    # ------------------------------------------------------------------------------ class names
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "classes", None)
+        if not names:
+            return
+        names = [str(n) for n in names]
+        if self.hparams.get("class_names") is None:
+            if len(names) == int(self.hparams.num_classes):
+                self.hparams["class_names"] = names  # saved with the hyper-parameters in every checkpoint
+        elif list(self.hparams.class_names) != names:
+            raise ClassMismatchError(f"the task's class_names {list(self.hparams.class_names)} differ from the "
+                                     f"data's classes {names}")
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = (checkpoint.get("hyper_parameters") or {}).get("class_names")
+        mine = self.hparams.get("class_names")
+        if saved and mine and list(saved) != list(mine):
+            raise ClassMismatchError(f"the checkpoint's classes {list(saved)} differ from the data's {list(mine)}: "
+                                     "its outputs would be read as the wrong labels")
+
+    # ------------------------------------------------------------------------------ loss and steps
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of (B, C) logits against (B, C) 0/1 targets (``loss``, label smoothing applied)."""
+        hp = self.hparams
+        y = target.float()
+        if hp.label_smoothing > 0:
+            y = y * (1 - hp.label_smoothing) + hp.label_smoothing / 2
+        if hp.loss == "asl":
+            return asymmetric_loss(logits, y, hp.asl_gamma_pos, hp.asl_gamma_neg, hp.asl_clip)
+        return F.binary_cross_entropy_with_logits(logits.float(), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+        x, y = batch
+        loss = self.check_loss(self.loss(self.model(x), y))
+        if loss is None:
+            return None
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def eval_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) probabilities of the inference model; with ``tta_hflip`` the mean over the image and its mirror."""
+        probs = self.inference_model(x).float().sigmoid()
+        if self.hparams.tta_hflip:
+            probs = (probs + self.inference_model(x.flip(-1)).float().sigmoid()) / 2
+        return probs
+
+    def _eval_step(self, batch: Any, stage: str) -> Dict[str, torch.Tensor]:
+        """``{"loss", "logits"}``: the (B, C) logits of the probabilities the scores use, for the evaluation
+        report to read rather than recompute."""
+        x, y = batch
+        if self.hparams.tta_hflip:
+            probs = self.eval_probs(x)
+            logits = torch.logit(probs, eps=1e-7)
+        else:
+            logits = self.inference_model(x).float()
+            probs = logits.sigmoid()
+        loss = self.loss(logits, y)
+        (self.val_scores if stage == "val" else self.test_scores).update(probs, y)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=x.shape[0])
+        return {"loss": loss, "logits": logits.detach()}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
+
+    def _log_scores(self, store: _ProbsAndTargets, stage: str) -> None:
+        if store.update_count == 0:  # nothing evaluated (e.g. limit_val_batches=0)
+            return
+        probs, target = store.compute()
+        store.reset()
+        trainer = self._trainer
+        if (stage == "val" and self.hparams.tune_thresholds and trainer is not None and not trainer.sanity_checking
+                and trainer.state.fn == "fit"):
+            self.thresholds.copy_(tune_thresholds(probs, target, self.thresholds.cpu()).to(self.thresholds))
+        scores = multilabel_scores(probs, target, self.thresholds)
+        for name in ("map", "map_micro", "f1", "f1_micro", "precision", "recall"):
+            self.log(f"{stage}/{name}", scores[name].float(), prog_bar=(stage == "val" and name == "map"))
+        if stage == "test":
+            for name, v in zip(self.class_names, scores["ap"].float()):
+                self.log(f"test/ap_{_metric_key(name)}", v)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_scores, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores(self.test_scores, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
+        """``{"path": list[str] | None, "probs": (B, C), "pred": (B, C) bool (probs > thresholds)}``; accepts a
+        predict dict with an ``image`` key, an ``(image, target)`` tuple, or a bare image tensor."""
+        if isinstance(batch, dict):
+            x, paths = batch["image"], batch.get("path")
+        elif isinstance(batch, (tuple, list)):
+            x, paths = batch[0], None
+        else:
+            x, paths = batch, None
+        probs = self.eval_probs(x)
+        return {"path": paths, "probs": probs, "pred": probs > self.thresholds.to(probs)}
+
+    def evaluation_report(self, class_names: Optional[Sequence[str]], prefix: str) -> "MultiLabelReport":
+        """The report :class:`vitmha.reports.EvaluationReport` fills from this task's eval steps."""
+        return MultiLabelReport(int(self.hparams.num_classes), class_names or self.class_names,
+                                self.thresholds.detach().cpu(), prefix)
+
+
+# ----------------------------------------------------------------------------------------------- report
+class MultiLabelReport:
+    """Accumulates an epoch's logits and targets; ``compute`` gives the task's logged scores and per-class
+    numbers, ``write`` ``per_class.csv`` (AP, threshold, precision, recall, F1, support, predicted) and
+    ``summary.json``.
+
+    Args:
+        num_classes: number of labels.
+        class_names: names by class index (default "0", "1", ...).
+        thresholds: (C,) decision thresholds, the task's.
+        prefix: ``"val/"`` or ``"test/"``, as the task logs.
+    """
+
+    def __init__(self, num_classes: int, class_names: Optional[Sequence[str]], thresholds: torch.Tensor,
+                 prefix: str = "test/") -> None:
+        self.num_classes = int(num_classes)
+        self.class_names = _names(class_names, self.num_classes)
+        self.thresholds = thresholds.float()
+        self.prefix = prefix
+        self.store = _ProbsAndTargets()
+
+    def to(self, device: Any) -> "MultiLabelReport":
+        self.store.to(device)
+        return self
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``logits`` (B, C) as the task's eval step returns them, ``target`` (B, C) 0/1."""
+        self.store.update(logits.detach().float().sigmoid(), target)
+
+    def compute(self) -> Dict[str, Any]:
+        """``{"metrics": {logged name: value}, "ap", "precision", "recall", "f1": (C,), "support",
+        "predicted": (C,), "thresholds": (C,), "num_samples": int}``."""
+        probs, target = self.store.compute()
+        probs, target = probs.cpu(), target.cpu()
+        s = multilabel_scores(probs, target, self.thresholds)
+        p = self.prefix
+        metrics = {f"{p}{k}": float(s[k]) for k in ("map", "map_micro", "f1", "f1_micro", "precision", "recall")}
+        if p == "test/":
+            metrics.update({f"{p}ap_{_metric_key(n)}": float(v) for n, v in zip(self.class_names, s["ap"])})
+        pred = (probs > self.thresholds).long()
+        c = self.num_classes
+        per = {k: fn(pred, target, c, average=None).float() for k, fn in
+               (("precision", multilabel_precision), ("recall", multilabel_recall), ("f1", multilabel_f1_score))}
+        return {"metrics": metrics, "ap": s["ap"], **per, "support": target.sum(0), "predicted": pred.sum(0),
+                "thresholds": self.thresholds, "num_samples": int(target.shape[0])}
+
+    def write(self, output_dir: str, result: Optional[Dict[str, Any]] = None) -> Dict[str, Path]:
+        """Write the report files into ``output_dir``; returns {name: path}."""
+        import json
+
+        r = self.compute() if result is None else result
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "per_class.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["class", "index", "ap", "threshold", "precision", "recall", "f1", "support", "predicted"])
+            for i, name in enumerate(self.class_names):
+                scores = (f"{float(r[k][i]):.6f}" for k in ("ap", "thresholds", "precision", "recall", "f1"))
+                w.writerow([name, i, *scores, int(r["support"][i]), int(r["predicted"][i])])
+
+        def finite(v: float) -> Optional[float]:
+            return v if math.isfinite(v) else None  # JSON has no NaN
+
+        summary = out / "summary.json"
+        summary.write_text(json.dumps({
+            "stage": self.prefix.rstrip("/"), "task": "multilabel", "num_samples": r["num_samples"],
+            "metrics": {k: finite(v) for k, v in r["metrics"].items()}, "classes": self.class_names,
+            "thresholds": [float(t) for t in r["thresholds"]]}, indent=2) + "\n")
+        return {"per_class": path, "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------- predictions
+class MultiLabelPredictionsCsv:
+    """``predictions.csv`` of a multi-label model: one row per image, ``path, labels, probs, prob_<class>...``;
+    ``labels`` are the classes above their thresholds joined by ``;`` (most probable first, empty for none),
+    ``probs`` their probabilities in the same order, then every class's probability. Written to a temporary
+    file and renamed into place by ``close``. The one writer behind ``vitmha predict`` and tools/predict.py."""
+
+    def __init__(self, path: str, names: Sequence[str], thresholds: torch.Tensor) -> None:
+        self.path, self.names, self.thresholds = path, list(names), thresholds.detach().float().cpu()
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self._tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+        self._file: Any = open(self._tmp, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(["path", "labels", "probs"] + [f"prob_{n}" for n in self.names])
+
+    def write(self, paths: Sequence[str], probs: torch.Tensor) -> None:
+        """Rows for ``paths`` from their (B, C) probabilities."""
+        probs = probs.detach().float().cpu()
+        for path, p in zip(paths, probs):
+            above = [int(i) for i in torch.argsort(p, descending=True) if p[i] > self.thresholds[i]]
+            self._writer.writerow([path, ";".join(self.names[i] for i in above),
+                                   ";".join(f"{float(p[i]):.4f}" for i in above)] + [f"{float(v):.6f}" for v in p])
+        self._file.flush()
+
+    def close(self) -> str:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            os.replace(self._tmp, self.path)
+        return self.path
+
+
+class MultiLabelPredictionWriter(BasePredictionWriter):
+    """Writes ``<output_dir>/predictions.csv`` (:class:`MultiLabelPredictionsCsv`) from a
+    :class:`MultiLabelClassifier`'s ``predict_step``, with the task's thresholds and class names."""
+
+    def __init__(self, output_dir: str) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+        self._csv: Optional[MultiLabelPredictionsCsv] = None
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        self._csv = MultiLabelPredictionsCsv(os.path.join(self.output_dir, f"predictions{suffix}.csv"),
+                                             pl_module.class_names, pl_module.thresholds)
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        probs = prediction["probs"]
+        paths = prediction.get("path") or [f"batch{batch_idx:05d}_{i:03d}" for i in range(len(probs))]
+        self._csv.write([str(p) for p in paths], probs)
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._csv is not None:
+            self._csv.close()
+            self._csv = None
