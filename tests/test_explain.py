@@ -1,0 +1,340 @@
+"""vitmha.explain (relevance maps, deletion/insertion, object share) and tools/explain.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from tests.helpers import REPO, assert_real_png, load_tool, run_tool
+from vitmha import VisionTransformer
+from vitmha.explain import (METHODS, Target, area_share, auc, chefer_map, deletion_curve, explain, gaussian_blur,
+                            gradcam_map, insertion_curve, occlusion_map, relevance_share)
+from vitmha.visualize import attention_rollout
+
+explain_tool = load_tool("explain")
+SAMPLE = REPO / "data" / "samples" / "astronaut.jpg"
+ARCHS = {
+    "cls": dict(img_size=32),
+    "cls+registers": dict(img_size=32, reg_tokens=2),
+    "registers, no cls, avg pool": dict(img_size=32, reg_tokens=2, class_token=False, global_pool="avg"),
+    "non-square 32x48": dict(img_size=(32, 48)),
+    "dynamic size, padded": dict(img_size=32, dynamic_img_size=True, dynamic_img_pad=True),
+}
+
+
+def tiny_vit(**kw) -> VisionTransformer:
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    return VisionTransformer(**{**args, **kw}).eval()
+
+
+def manual_forward(bb: VisionTransformer, x: torch.Tensor):
+    """(logits, [attention probabilities per block], [norm1 output per block]) of a plain class-token ViT,
+    written out from its weights: no hooks, not the model's attention code."""
+    B = x.shape[0]
+    t = torch.cat([bb.cls_token.expand(B, -1, -1), bb.patch_embed(x)], 1) + bb.pos_embed
+    probs, normed = [], []
+    for blk in bb.blocks:
+        h = blk.norm1(t)
+        normed.append(h)
+        N, D, nh = h.shape[1], h.shape[2], blk.attn.num_heads
+        q, k, v = blk.attn.qkv(h).reshape(B, N, 3, nh, D // nh).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-2, -1) / (D // nh) ** 0.5, dim=-1)
+        probs.append(a)
+        t = t + blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, D))
+        t = t + blk.mlp(blk.norm2(t))
+    return bb.head(bb.norm(t)[:, 0]), probs, normed
+
+
+# ------------------------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_gives_a_finite_map_on_the_patch_grid(arch, method):
+    bb = tiny_vit(**ARCHS[arch])
+    h, w = (32, 48) if "non-square" in arch else (36, 44) if "padded" in arch else (32, 32)
+    x = torch.randn(1, 3, h, w)
+    m = explain(bb, bb, x, Target(1), [method])[method]
+    assert m.shape == (-(-h // 8), -(-w // 8))
+    assert torch.isfinite(m).all() and m.abs().sum() > 0
+
+
+def test_explaining_leaves_the_model_as_it_was():
+    bb = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        before = bb(x)
+    explain(bb, bb, x, Target(0))
+    assert all(b.attn.fused for b in bb.blocks)  # the explicit path only while the hooks were on
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in bb.modules())
+    with torch.no_grad():
+        assert torch.equal(bb(x), before)
+
+
+def test_attention_is_the_last_blocks_class_token_row_averaged_over_heads():
+    bb = tiny_vit(img_size=32, reg_tokens=2)
+    x = torch.randn(1, 3, 32, 32)
+    a = bb.forward_attention(x, indices=[-1])[0][0].mean(0)  # (N, N)
+    m = explain(bb, bb, x, Target(2), ["attention"])["attention"]
+    assert torch.allclose(m.flatten(), a[0, 3:], atol=1e-6)
+
+
+def test_without_a_class_token_the_query_is_the_mean_over_patch_rows():
+    bb = tiny_vit(img_size=32, reg_tokens=2, class_token=False, global_pool="avg")
+    x = torch.randn(1, 3, 32, 32)
+    a = bb.forward_attention(x, indices=[-1])[0][0].mean(0)
+    m = explain(bb, bb, x, Target(0), ["attention"])["attention"]
+    assert torch.allclose(m.flatten(), a[2:, 2:].mean(0), atol=1e-6)
+
+
+def test_rollout_is_the_class_token_row_of_the_visualize_rollout():
+    bb = tiny_vit(img_size=32, reg_tokens=1)
+    x = torch.randn(1, 3, 32, 32)
+    want = attention_rollout(bb.forward_attention(x, indices=[0, 1]))[0, 0, 2:]
+    m = explain(bb, bb, x, Target(0), ["rollout"])["rollout"]
+    assert torch.allclose(m.flatten(), want, atol=1e-6)
+
+
+def test_chefer_matches_the_rule_on_hand_computed_attention_gradients():
+    bb = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    logits, probs, _ = manual_forward(bb, x)
+    assert torch.allclose(logits, bb(x), atol=1e-5)
+    grads = torch.autograd.grad(logits[0, 1], probs)
+    r = torch.eye(17, dtype=torch.float64)
+    for a, g in zip(probs, grads):
+        r = r + (a * g)[0].relu().mean(0).double() @ r
+    got = chefer_map(bb, bb, x, Target(1))
+    assert torch.allclose(got.flatten().double(), r[0, 1:], rtol=1e-4, atol=1e-7)
+
+
+def test_gradcam_matches_a_hand_computed_grad_cam_of_the_last_blocks_tokens():
+    bb = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    logits, _, normed = manual_forward(bb, x)
+    tokens = normed[-1]
+    grad, = torch.autograd.grad(logits[0, 2], tokens)
+    weights = grad[0, 1:].mean(0)                                  # (D,): gradient averaged over the patches
+    want = torch.relu(tokens[0, 1:].detach() @ weights).reshape(4, 4)
+    got = gradcam_map(bb, bb, x, Target(2))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert got.max() > 0
+
+
+def test_occlusion_matches_an_explicit_loop_over_the_patches():
+    bb = tiny_vit(img_size=(32, 48))
+    x = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        p0 = bb(x).softmax(-1)[0, 1]
+        want = torch.zeros(4, 6)
+        for i in range(4):
+            for j in range(6):
+                xo = x.clone()
+                xo[..., i * 8:(i + 1) * 8, j * 8:(j + 1) * 8] = x.mean((-2, -1))[..., None, None]
+                want[i, j] = p0 - bb(xo).softmax(-1)[0, 1]
+    got = occlusion_map(bb, bb, x, Target(1), batch_size=5)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_segmentation_target_is_the_class_logits_summed_over_the_region_of_a_padded_input():
+    from vitmha.heads.segmentation import build_head
+    from vitmha.tasks.segmentation import SegmentationModel
+
+    bb = tiny_vit(img_size=(32, 48), num_classes=0)
+    torch.manual_seed(1)
+    seg = SegmentationModel(bb, build_head("linear", bb, 4)).eval()
+    x = torch.randn(1, 3, 30, 44)                                   # padded to 32×48 inside the model
+    region = torch.zeros(30, 44)
+    region[8:20, 10:30] = 1
+    target = Target(2, region)
+    with torch.no_grad():
+        out = seg(x)
+    assert torch.allclose(target.score(out), (out[0, 2] * region).sum()[None])
+    maps = explain(seg, bb, x, target)
+    for m in METHODS:
+        assert maps[m].shape == (4, 6) and torch.isfinite(maps[m]).all(), m
+    assert maps["occlusion"].abs().sum() > 0 and maps["chefer"].sum() > 0
+
+
+def test_a_multilabel_target_tracks_the_class_sigmoid():
+    out = torch.tensor([[2.0, -1.0, 0.5]])
+    assert Target(2, multilabel=True).prob(out) == pytest.approx(torch.sigmoid(torch.tensor([0.5])))
+    assert Target(2).prob(out) == pytest.approx(out.softmax(-1)[:, 2])
+
+
+def test_a_class_index_out_of_range_is_an_error():
+    bb = tiny_vit()
+    with pytest.raises(ValueError, match="class 3 is out of range for a model with 3 classes"):
+        explain(bb, bb, torch.randn(1, 3, 32, 32), Target(3), ["gradcam"])
+    with pytest.raises(ValueError, match="unknown method 'lrp'"):
+        explain(bb, bb, torch.randn(1, 3, 32, 32), Target(0), ["lrp"])
+
+
+# ------------------------------------------------------------------------------------------- faithfulness
+class OnePatchDecides(nn.Module):
+    """Two classes; class 1's logit rises steeply with the mean brightness of patch (1, 2) of a 4×4 grid of
+    8-px patches: that patch alone decides."""
+
+    def forward(self, x):
+        s = 20 * (x[:, :, 8:16, 16:24].mean((1, 2, 3)) - 0.8)
+        return torch.stack([torch.zeros_like(s), s], 1)
+
+
+def test_an_oracle_ranking_deletes_faster_and_inserts_faster_than_random_rankings():
+    model = OnePatchDecides()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 0.3
+    x[..., 8:16, 16:24] += 1.0
+    target = Target(1)
+    with torch.no_grad():                                          # the true effect of each patch, measured
+        p0 = target.prob(model(x))
+        effect = torch.zeros(4, 4)
+        for i in range(4):
+            for j in range(4):
+                xo = x.clone()
+                xo[..., i * 8:(i + 1) * 8, j * 8:(j + 1) * 8] = x.mean((-2, -1))[..., None, None]
+                effect[i, j] = p0 - target.prob(model(xo))
+    dele = auc(*deletion_curve(model, x, target, effect, (8, 8), steps=16))
+    ins = auc(*insertion_curve(model, x, target, effect, (8, 8), steps=16))
+    rand_del, rand_ins = [], []
+    for s in range(20):
+        r = torch.rand(4, 4, generator=torch.Generator().manual_seed(s))
+        rand_del.append(auc(*deletion_curve(model, x, target, r, (8, 8), steps=16)))
+        rand_ins.append(auc(*insertion_curve(model, x, target, r, (8, 8), steps=16)))
+    assert dele < np.mean(rand_del) - 0.1
+    assert ins > np.mean(rand_ins) + 0.1
+
+
+def test_deletion_runs_from_the_image_to_the_baseline_and_insertion_back():
+    model = OnePatchDecides()
+    x = torch.rand(1, 3, 32, 32)
+    target = Target(1)
+    f, p = deletion_curve(model, x, target, torch.rand(4, 4), (8, 8), steps=4)
+    assert np.allclose(f, [0, 0.25, 0.5, 0.75, 1])
+    mean_img = x.mean((-2, -1), keepdim=True).expand_as(x)
+    with torch.no_grad():
+        assert p[0] == pytest.approx(float(target.prob(model(x))), abs=1e-6)
+        assert p[-1] == pytest.approx(float(target.prob(model(mean_img))), abs=1e-6)
+        f, p = insertion_curve(model, x, target, torch.rand(4, 4), (8, 8), steps=16)
+        assert p[0] == pytest.approx(float(target.prob(model(gaussian_blur(x, 4.0)))), abs=1e-6)
+        assert p[-1] == pytest.approx(float(target.prob(model(x))), abs=1e-6)
+    assert len(f) == 17
+
+
+def test_auc_is_the_trapezoid_area_over_the_unit_interval():
+    f = np.linspace(0, 1, 5)
+    assert auc(f, np.ones(5)) == pytest.approx(1.0)
+    assert auc(f, f) == pytest.approx(0.5)
+    assert auc(f, 1 - f) == pytest.approx(0.5)
+
+
+def test_gaussian_blur_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = torch.rand(1, 2, 20, 24, dtype=torch.float64)
+    want = np.stack([ndimage.gaussian_filter(c, sigma=2.0, mode="mirror", truncate=3.0) for c in x[0].numpy()])
+    assert np.allclose(gaussian_blur(x, 2.0)[0].numpy(), want, atol=1e-10)
+
+
+def test_relevance_share_counts_each_patch_by_its_share_of_the_mask():
+    mask = torch.zeros(32, 32)
+    mask[:16, :16] = 1                                           # the top-left 2×2 patches of a 4×4 grid
+    mask[:16, 16:20] = 1                                         # half of patch (0, 2) and of (1, 2)
+    r = torch.zeros(4, 4)
+    r[0, 0], r[0, 2], r[3, 3] = 2.0, 1.0, 1.0
+    assert relevance_share(r, mask) == pytest.approx((2 + 0.5) / 4)
+    assert relevance_share(-r, mask) != relevance_share(-r, mask)  # no positive relevance: NaN
+    assert area_share(mask, (4, 4)) == pytest.approx(5 / 16)
+
+
+# ------------------------------------------------------------------------------------------- the tool
+def test_tool_writes_every_method_side_by_side_for_a_classifier(ckpts, tmp_path):
+    out = tmp_path / "ex.png"
+    res = explain_tool.main(["--checkpoint", ckpts["clf"], "--input", SAMPLE, "--output", out, "--metrics"])
+    img = assert_real_png(out)
+    assert img.shape[1] > 5 * 150  # image + five panels
+    assert list(res["maps"]) == list(METHODS) and res["maps"]["chefer"].shape == (4, 4)
+    assert set(res["notes"]) == set(METHODS) and "del" in res["notes"]["gradcam"]
+
+
+def test_tool_explains_a_class_by_name_over_a_segmenters_box(ckpts, tmp_path):
+    out = tmp_path / "seg.png"
+    image = ckpts["seg_root"] / "val" / "images" / "s0001.jpg"
+    res = explain_tool.main(["--checkpoint", ckpts["seg"], "--input", image, "--output", out,
+                             "--method", "gradcam,chefer", "--class", "circle", "--box", "0", "0", "20", "30"])
+    assert_real_png(out)
+    assert res["target"].class_index == 1 and res["class_name"] == "circle"
+    region = res["target"].region
+    assert region.shape == (32, 32) and region[:30, :20].all() and region.sum() == 20 * 30
+
+
+def test_tool_runs_on_a_backbone_and_weights_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from vitmha import create_backbone
+
+    kw = {"img_size": 32, "patch_size": 8, "depth": 2}
+    weights = tmp_path / "bb.safetensors"
+    save_file({k: v.contiguous() for k, v in create_backbone("vit_tiny_patch16_224", **kw).state_dict().items()},
+              str(weights))
+    out = tmp_path / "bb.png"
+    res = explain_tool.main(["--backbone", "vit_tiny_patch16_224", "--pretrained", weights, "--backbone-kwargs",
+                             json.dumps(kw), "--input", SAMPLE, "--output", out, "--method", "attention,rollout",
+                             "--class", "7"])
+    assert_real_png(out)
+    assert res["target"].class_index == 7 and res["maps"]["rollout"].shape == (4, 4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input", "no/such.jpg"], "error: no/such.jpg: no such image file"),
+    (["--method", "gradcam,lrp"], "error: --method lrp: unknown method; expected attention, rollout, chefer, "
+                                  "gradcam, occlusion or all"),
+    (["--class", "3"], "error: --class 3: out of range; the model has 3 classes (0-2)"),
+    (["--class", "purple"], "error: --class purple: no such class name; the classes are blue, green, red"),
+])
+def test_bad_input_is_one_clean_line(ckpts, tmp_path, capsys, extra, message):
+    args = ["--checkpoint", ckpts["clf"], "--input", SAMPLE, "--output", tmp_path / "x.png", *extra]
+    with pytest.raises(SystemExit) as e:
+        explain_tool.main(args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_command_line_errors_have_no_traceback(tmp_path):
+    r = run_tool("explain", "--checkpoint", tmp_path / "missing.ckpt", "--input", SAMPLE,
+                 "--output", tmp_path / "x.png")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found"]
+
+
+def test_help_lists_the_methods(capsys):
+    with pytest.raises(SystemExit) as e:
+        explain_tool.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--method" in out and "--class" in out and all(m in out for m in METHODS)
+
+
+# ------------------------------------------------------------------------------------------- real weights
+def test_real_vit_ti_puts_more_gradient_relevance_on_the_cat_than_its_area(real_weights):
+    from vitmha.inference import eval_transform, pretrained_backbone, read_image
+
+    outline = json.loads((REPO / "data" / "samples" / "chelsea_cat_outline.json").read_text())
+    photo = read_image(str(REPO / "data" / "samples" / outline["image"]))
+    drawn = Image.new("L", (photo.shape[1], photo.shape[0]), 0)
+    ImageDraw.Draw(drawn).polygon([tuple(p) for p in outline["polygon"]], fill=255)
+    mask = torch.as_tensor(np.asarray(drawn) / 255.0, dtype=torch.float32)
+    bb, pre = pretrained_backbone("vit_tiny_patch16_224.augreg_in21k_ft_in1k", str(real_weights))
+    pre.crop_pct = None  # the whole photo, squeezed to 224 px: the outline is drawn on the whole photo
+    x = eval_transform(pre, "classification")(image=photo)["image"][None]
+    with torch.no_grad():
+        c = int(bb(x).argmax())
+    assert "cat" in pre.classes[c]
+    maps = explain(bb, bb, x, Target(c), ["chefer", "gradcam"])
+    chance = area_share(mask, (14, 14))
+    shares = {m: relevance_share(r, mask) for m, r in maps.items()}
+    assert 0.8 < chance < 0.85
+    assert max(shares.values()) > chance, shares
