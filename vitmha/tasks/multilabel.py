@@ -23,6 +23,7 @@ from torchmetrics.functional.classification import (multilabel_average_precision
                                                     multilabel_precision, multilabel_recall)
 from torchmetrics.utilities import dim_zero_cat
 
+from vitmha.callbacks import PredictionsCsv
 from vitmha.peft import apply_peft
 from vitmha.tasks.base import BackboneTask, build_backbone
 from vitmha.tasks.ema import ModelEma
@@ -442,20 +443,18 @@ class MultiLabelReport:
 
 
 # ----------------------------------------------------------------------------------------------- predictions
-class MultiLabelPredictionsCsv:
+class MultiLabelPredictionsCsv(PredictionsCsv):
     """``predictions.csv`` of a multi-label model: one row per image, ``path, labels, probs, prob_<class>...``;
     ``labels`` are the classes above their thresholds joined by ``;`` (most probable first, empty for none),
     ``probs`` their probabilities in the same order, then every class's probability. Written to a temporary
-    file and renamed into place by ``close``. The one writer behind ``vitmha predict`` and tools/predict.py."""
+    file and renamed into place by ``close`` (:class:`vitmha.callbacks.PredictionsCsv`'s file handling). The one
+    writer behind ``vitmha predict`` and tools/predict.py."""
 
     def __init__(self, path: str, names: Sequence[str], thresholds: torch.Tensor) -> None:
-        self.path, self.names, self.thresholds = path, list(names), thresholds.detach().float().cpu()
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        self._tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-        self._file: Any = open(self._tmp, "w", newline="")
-        self._writer = csv.writer(self._file)
+        super().__init__(path, top_k=len(names), names=names)
+        self.thresholds = thresholds.detach().float().cpu()
         self._writer.writerow(["path", "labels", "probs"] + [f"prob_{n}" for n in self.names])
+        self._header = True
 
     def write(self, paths: Sequence[str], probs: torch.Tensor) -> None:
         """Rows for ``paths`` from their (B, C) probabilities."""
@@ -465,13 +464,6 @@ class MultiLabelPredictionsCsv:
             self._writer.writerow([path, ";".join(self.names[i] for i in above),
                                    ";".join(f"{float(p[i]):.4f}" for i in above)] + [f"{float(v):.6f}" for v in p])
         self._file.flush()
-
-    def close(self) -> str:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            os.replace(self._tmp, self.path)
-        return self.path
 
 
 class MultiLabelPredictionWriter(BasePredictionWriter):
