@@ -80,6 +80,34 @@ def test_gradients_match_timm():
         assert rel_err(grads_ref[name].grad, p.grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16_224", "vit_small_patch14_reg4_dinov2"])
+def test_patch_dropout_matches_timm_in_training_and_is_off_in_eval(arch):
+    """timm's patch_drop_rate: same kept tokens for the same seed (class and register tokens always kept)."""
+    size = 56
+    ref, ours = timm_and_ours(arch, depth=2, img_size=size, num_classes=5, patch_drop_rate=0.25)
+    assert ours.patch_drop.prob == 0.25 and ours.patch_drop.num_prefix_tokens == ref.num_prefix_tokens
+    x = torch.randn(3, 3, size, size)
+    ref.train(), ours.train()
+    torch.manual_seed(7)
+    fa = ref.forward_features(x)
+    torch.manual_seed(7)
+    fb = ours.forward_features(x)
+    n_patches = (size // ours.patch_embed.patch_size[0]) ** 2
+    assert fb.shape[1] == ours.num_prefix_tokens + int(n_patches * 0.75)
+    assert rel_err(fa, fb) < 1e-5
+    torch.manual_seed(8)
+    assert not torch.allclose(ours.forward_features(x), fb)          # a new draw keeps other tokens
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        full = ours.forward_features(x)
+        assert full.shape[1] == ours.num_prefix_tokens + n_patches
+        assert rel_err(ref.forward_features(x), full) < 1e-5
+        ours.train()                                                 # segmentation's path keeps every token
+        assert ours.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape[-2:] == ours.patch_embed.grid_size
+    with pytest.raises(ValueError, match="patch_drop_rate"):
+        vitmha.create_backbone("vit_tiny_patch16_224", depth=1, img_size=32, patch_drop_rate=1.0)
+
+
 def test_forward_intermediates_match_timm():
     ref, ours = timm_and_ours("vit_small_patch14_reg4_dinov2", depth=4, img_size=56)
     x = torch.randn(2, 3, 56, 56)

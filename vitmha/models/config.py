@@ -72,8 +72,6 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
     pe = m.patch_embed
     if type(pe).__name__ != "PatchEmbed":
         raise UnsupportedArchError(f"{arch}: patch embedding {type(pe).__name__} is not supported")
-    if not isinstance(m.patch_drop, nn.Identity):
-        raise UnsupportedArchError(f"{arch}: patch dropout is not supported")
     blk = m.blocks[0]
     block_cls = type(blk).__name__
     if block_cls not in ("Block", "ResPostBlock"):
@@ -132,6 +130,7 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
         dynamic_img_pad=bool(getattr(pe, "dynamic_img_pad", False)),
         drop_rate=float(m.head_drop.p),
         pos_drop_rate=float(m.pos_drop.p),
+        patch_drop_rate=float(getattr(m.patch_drop, "prob", 0.0)),
         proj_drop_rate=float(attn.proj_drop.p),
         attn_drop_rate=float(attn.attn_drop.p),
         drop_path_rate=float(max(dprs)) if dprs else 0.0,

@@ -30,6 +30,9 @@ def create_backbone(name: str, pretrained: Pretrained = False,
         raise ValueError(f"{', '.join(sorted(feature_kwargs))} need features_only=True")
     if features_only:
         overrides.setdefault("num_classes", 0)               # the head is dropped: no head-shape warning
+    pdr = overrides.get("patch_drop_rate")
+    if pdr is not None and not 0.0 <= float(pdr) < 1.0:
+        raise ValueError(f"patch_drop_rate={pdr}: expected a value in [0, 1)")
     weight_init = overrides.get("weight_init") or "timm"      # timm's modes: '', 'jax', 'jax_nlhb', 'moco'
     weight_init = "jax" if weight_init.startswith("jax") else "timm"
     cfg = arch_config(name, **overrides)

@@ -134,6 +134,37 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+class PatchDropout(nn.Module):
+    """Keep a random ``1 - prob`` of the patch tokens per sample while training (Liu et al., 2022,
+    *PatchDropout*): the prefix (class/register) tokens stay, the kept patches keep their position embedding,
+    so the blocks simply see fewer tokens and each step costs about ``1 - prob`` of the compute. The same draw
+    as timm's ``patch_drop_rate`` (``argsort`` of one normal sample per token), so seeded runs agree."""
+
+    def __init__(self, prob: float = 0.0, num_prefix_tokens: int = 1, ordered: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"patch_drop_rate={prob}: expected a value in [0, 1)")
+        self.prob = prob
+        self.num_prefix_tokens = num_prefix_tokens
+        self.ordered = ordered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob == 0.0 or not self.training:
+            return x
+        n = self.num_prefix_tokens
+        prefix, patches = x[:, :n], x[:, n:]
+        B, L = patches.shape[:2]
+        keep = max(1, int(L * (1.0 - self.prob)))
+        idx = torch.argsort(torch.randn(B, L, device=x.device), dim=-1)[:, :keep]
+        if self.ordered:
+            idx = idx.sort(dim=-1).values
+        patches = patches.gather(1, idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return torch.cat([prefix, patches], dim=1) if n else patches
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
 class Mlp(nn.Module):
     """fc1 -> act -> dropout -> (norm) -> fc2 -> dropout."""
 

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitmha.models.attention import Attention, AttentionPool
-from vitmha.models.layers import (DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, Size2, SwiGLU, lecun_normal_,
-                                  make_norm, mlp_hidden, to_2tuple, trunc_normal_)
+from vitmha.models.layers import (DropPath, GluMlp, LayerScale, Mlp, PatchDropout, PatchEmbed, Size2, SwiGLU,
+                                  lecun_normal_, make_norm, mlp_hidden, to_2tuple, trunc_normal_)
 from vitmha.models.resample import resample_pos_embed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -138,6 +138,8 @@ class VisionTransformer(nn.Module):
         dynamic_img_pad: pad inputs up to a multiple of the patch size (with dynamic_img_size).
         drop_rate: dropout before the head.
         pos_drop_rate: dropout after adding the position embedding.
+        patch_drop_rate: share of the patch tokens dropped at random per sample while training (PatchDropout;
+            classification forward only: ``forward_intermediates`` and segmentation keep every token).
         proj_drop_rate: dropout after attention/MLP projections.
         attn_drop_rate: dropout on attention probabilities.
         drop_path_rate: stochastic depth, growing linearly to this value over the blocks.
@@ -187,6 +189,7 @@ class VisionTransformer(nn.Module):
         dynamic_img_pad: bool = False,
         drop_rate: float = 0.0,
         pos_drop_rate: float = 0.0,
+        patch_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -240,6 +243,8 @@ class VisionTransformer(nn.Module):
         embed_len = n_patches if no_embed_class else n_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim)) if pos_embed == "learn" else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
+        self.patch_drop = (PatchDropout(patch_drop_rate, self.num_prefix_tokens) if patch_drop_rate > 0
+                           else nn.Identity())
         self.norm_pre = norm(embed_dim) if pre_norm else nn.Identity()
 
         hidden = mlp_hidden(embed_dim, mlp_ratio)
@@ -381,7 +386,12 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
-        x, _ = self._run_blocks(self._embed(x), attn_mask)
+        x = self._pos_embed(self.patch_embed(x))
+        if self.training and not isinstance(self.patch_drop, nn.Identity):
+            if attn_mask is not None:
+                raise ValueError("patch_drop_rate > 0 drops tokens while training; it cannot take an attn_mask")
+            x = self.patch_drop(x)
+        x, _ = self._run_blocks(self.norm_pre(x), attn_mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
