@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from vitmha.models.layers import PatchDropout
 from vitmha.peft import PeftError, PeftSpec, parse_peft
 from vitmha.tasks.ema import ModelEma
 from vitmha.tasks.losses import AUTO_WEIGHTS, LOSSES, class_weights_from_counts
@@ -58,6 +59,7 @@ def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
     return 1e-4 if (not from_scratch(pretrained) and not freeze_backbone) else 1e-3
 
 
+PATCH_DROP_SCHEDULES = ("constant", "linear")
 EPOCH_START = 2**32 - 1  # the "batch index" of the seed drawn at an epoch's start
 
 
@@ -330,6 +332,28 @@ class BackboneTask(L.LightningModule):
         # so dropout, drop-path and mixup draw the same numbers whether the run started here or resumed
         # from a checkpoint written at an epoch's end or in its middle.
         self._reseed(self.current_epoch, batch_idx)
+        self._schedule_patch_drop()
+
+    # ----------------------------------------------------------------- patch dropout schedule
+    def _check_patch_drop_schedule(self) -> None:
+        schedule = self.hparams.get("patch_drop_schedule", "constant")
+        if schedule not in PATCH_DROP_SCHEDULES:
+            raise TaskConfigError(f"patch_drop_schedule: expected one of {', '.join(PATCH_DROP_SCHEDULES)}, "
+                                  f"got {schedule!r}")
+        drop = getattr(self.backbone_module(), "patch_drop", None)
+        if schedule != "constant" and not isinstance(drop, PatchDropout):
+            raise TaskConfigError(f"patch_drop_schedule: {schedule} needs patch dropout in the backbone "
+                                  "(backbone_kwargs: {patch_drop_rate: 0.25}, say)")
+        #: the rate the backbone was built with; the schedule starts there
+        self._patch_drop_start = drop.prob if isinstance(drop, PatchDropout) else 0.0
+
+    def _schedule_patch_drop(self) -> None:
+        """``linear``: the backbone's patch-dropout rate at this optimizer step, from the built rate to 0 at the
+        last step (a function of the global step only, so a resumed run continues the same schedule)."""
+        if self.hparams.get("patch_drop_schedule", "constant") != "linear":
+            return
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        self.backbone_module().patch_drop.prob = self._patch_drop_start * max(0.0, 1.0 - self.global_step / total)
 
     def on_train_epoch_end(self) -> None:
         if self.hparams.nonfinite == "skip":

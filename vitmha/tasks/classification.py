@@ -72,6 +72,9 @@ class ImageClassifier(BackboneTask):
         tta_hflip: validate, test and predict on each image and its mirror image, averaging the two
             softmax outputs (for classes that a mirror image keeps, such as clothes or photographs).
         grad_checkpointing: recompute block activations in backward to save memory.
+        patch_drop_schedule: with ``backbone_kwargs: {patch_drop_rate: p}`` (PatchDropout), ``constant`` keeps
+            dropping ``p`` of the patch tokens every step; ``linear`` lowers the rate from ``p`` at the first
+            step to 0 at the last, so the last steps train on every token, as evaluation sees them.
         grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
             ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
         nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip``
@@ -125,6 +128,7 @@ class ImageClassifier(BackboneTask):
         ema_decay: Optional[float] = None,
         tta_hflip: bool = False,
         grad_checkpointing: bool = False,
+        patch_drop_schedule: str = "constant",
         grad_clip_norm: Optional[float] = 1.0,
         nonfinite: str = "error",
         peft: Optional[Dict[str, Any]] = None,
@@ -146,6 +150,7 @@ class ImageClassifier(BackboneTask):
         self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self._check_patch_drop_schedule()
         self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
         self.mixup = Mixup(num_classes, mixup_alpha, cutmix_alpha, prob=mix_prob)
         self.val_metrics = classification_metrics(num_classes, "val/")
