@@ -12,7 +12,7 @@ from torch import nn
 from tests.helpers import REPO, assert_real_png, load_tool, run_tool
 from vitmha import VisionTransformer
 from vitmha.explain import (METHODS, Target, area_share, auc, chefer_map, deletion_curve, explain, gaussian_blur,
-                            gradcam_map, insertion_curve, occlusion_map, relevance_share)
+                            gradcam_map, ig_map, insertion_curve, occlusion_map, relevance_share)
 from vitmha.visualize import attention_rollout
 
 explain_tool = load_tool("explain")
@@ -137,6 +137,58 @@ def test_occlusion_matches_an_explicit_loop_over_the_patches():
                 want[i, j] = p0 - bb(xo).softmax(-1)[0, 1]
     got = occlusion_map(bb, bb, x, Target(1), batch_size=5)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_integrated_gradients_equal_captums_summed_per_patch_on_a_non_square_padded_input():
+    captum_attr = pytest.importorskip("captum.attr", reason="captum (a dev dependency) is the reference")
+    bb = tiny_vit(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
+    x = torch.randn(1, 3, 30, 44)                                   # padded to a 4×6 grid inside the model
+    x0 = x.mean((-2, -1), keepdim=True).expand_as(x)
+    ig = captum_attr.IntegratedGradients(lambda t: bb(t))
+    ref = ig.attribute(x, baselines=x0, target=1, n_steps=16, method="riemann_middle")[0].sum(0)   # (30, 44)
+    want = torch.zeros(4, 6)
+    for i in range(4):
+        for j in range(6):
+            want[i, j] = ref[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].sum()
+    got = ig_map(bb, bb, x, Target(1), steps=16, batch_size=5)
+    assert got.shape == (4, 6)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "blur", "zero"])
+def test_integrated_gradients_add_up_to_the_score_difference(baseline):
+    """Completeness: the patch sums equal score(x) - score(baseline) as the quadrature gets finer."""
+    from vitmha.explain import baseline_image
+
+    bb = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    x0 = torch.zeros_like(x) if baseline == "zero" else baseline_image(x, baseline, (8, 8))
+    with torch.no_grad():
+        diff = float(bb(x)[0, 2] - bb(x0)[0, 2])
+    got = float(ig_map(bb, bb, x, Target(2), steps=256, baseline=baseline).sum())
+    assert got == pytest.approx(diff, rel=1e-3, abs=1e-5)
+
+
+def test_integrated_gradients_of_a_linear_model_are_input_times_weight():
+    """For a linear score the path integral is exact with one point: (x - x0) · w, summed per patch."""
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = tiny_vit()                                   # only its patch embedding is read
+            self.w = nn.Parameter(torch.randn(3, 3, 32, 32))
+
+        def forward(self, t):
+            self.vit.patch_embed(t)
+            return torch.einsum("bchw,kchw->bk", t, self.w)
+
+    lin = Linear()
+    x = torch.randn(1, 3, 32, 32)
+    x0 = x.mean((-2, -1), keepdim=True)
+    contrib = ((x - x0) * lin.w[0])[0].sum(0)
+    want = contrib.reshape(4, 8, 4, 8).sum((1, 3))
+    assert torch.allclose(ig_map(lin, lin.vit, x, Target(0), steps=1), want, atol=1e-5)
+    with pytest.raises(ValueError, match="steps"):
+        ig_map(lin, lin.vit, x, Target(0), steps=0)
 
 
 def test_segmentation_target_is_the_class_logits_summed_over_the_region_of_a_padded_input():
@@ -290,7 +342,7 @@ def test_tool_runs_on_a_backbone_and_weights_file(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--input", "no/such.jpg"], "error: no/such.jpg: no such image file"),
     (["--method", "gradcam,lrp"], "error: --method lrp: unknown method; expected attention, rollout, chefer, "
-                                  "gradcam, occlusion or all"),
+                                  "gradcam, ig, occlusion or all"),
     (["--class", "3"], "error: --class 3: out of range; the model has 3 classes (0-2)"),
     (["--class", "purple"], "error: --class purple: no such class name; the classes are blue, green, red"),
 ])

@@ -9,8 +9,8 @@
 
 Methods (--method, comma-separated, or all): attention (the last block's attention from the class token,
 heads averaged), rollout (attention rollout over all blocks), chefer (gradient-weighted attention, Chefer et
-al.'s generic rule R += mean_h((∇A ⊙ A)⁺) R), gradcam (Grad-CAM on the last block's patch tokens) and
-occlusion (the drop in the class probability when a patch is filled with the mean colour). All come from
+al.'s generic rule R += mean_h((∇A ⊙ A)⁺) R), gradcam (Grad-CAM on the last block's patch tokens), ig
+(integrated gradients from the image's mean colour, summed per patch) and occlusion (the drop in the class probability when a patch is filled with the mean colour). All come from
 the model itself through forward hooks (vitmha.explain).
 
 A classifier (multi-label too) is explained for --class (an index or a class name; default its top class;

@@ -4,7 +4,7 @@
     maps = explain(model, backbone, x, Target(class_index=281))   # {method: (gh, gw)}
 
 Methods (``METHODS``): raw last-block attention, attention rollout, Chefer et al.'s gradient-weighted
-attention, Grad-CAM on the token grid, and occlusion (:mod:`vitmha.explain.methods`). Faithfulness: deletion
+attention, Grad-CAM on the token grid, integrated gradients, and occlusion (:mod:`vitmha.explain.methods`). Faithfulness: deletion
 and insertion AUC, and the share of relevance inside an object's outline (:mod:`vitmha.explain.faithfulness`).
 ``tools/explain.py`` draws the methods side by side; ``benchmarks/faithfulness.py`` compares them.
 """
@@ -12,10 +12,10 @@ from vitmha.explain.faithfulness import (area_share, auc, baseline_image, deleti
                                          insertion_curve, perturbation_curve, relevance_share)
 from vitmha.explain.figure import save_explanation_figure
 from vitmha.explain.methods import (METHODS, Target, attention_map, chefer_map, explain, gradcam_map,
-                                    occlusion_map, patch_cells, record, rollout_map)
+                                    ig_map, occlusion_map, patch_cells, record, rollout_map)
 
 __all__ = [
-    "METHODS", "Target", "explain", "attention_map", "rollout_map", "chefer_map", "gradcam_map", "occlusion_map",
-    "record", "patch_cells", "perturbation_curve", "deletion_curve", "insertion_curve", "auc", "relevance_share",
-    "area_share", "baseline_image", "gaussian_blur", "save_explanation_figure",
+    "METHODS", "Target", "explain", "attention_map", "rollout_map", "chefer_map", "gradcam_map", "ig_map",
+    "occlusion_map", "record", "patch_cells", "perturbation_curve", "deletion_curve", "insertion_curve", "auc",
+    "relevance_share", "area_share", "baseline_image", "gaussian_blur", "save_explanation_figure",
 ]

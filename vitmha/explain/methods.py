@@ -1,6 +1,6 @@
 """Relevance maps on the patch grid: which patches a ViT's decision rests on.
 
-Five methods, each ``fn(model, backbone, x, target) -> (gh, gw)`` for one normalised image ``x`` (1, C, H, W):
+Six methods, each ``fn(model, backbone, x, target) -> (gh, gw)`` for one normalised image ``x`` (1, C, H, W):
 
 - ``attention``: the last block's attention (heads averaged) from the query to each patch.
 - ``rollout``: attention rollout over the blocks (Abnar & Zuidema, 2020; ``vitmha.visualize.attention_rollout``).
@@ -11,6 +11,11 @@ Five methods, each ``fn(model, backbone, x, target) -> (gh, gw)`` for one normal
   ``norm1`` (the layer pytorch-grad-cam's ViT recipe uses: the last block's output patch tokens do not reach a
   class-token head): the prefix (class/register) tokens dropped, the rest laid out on the patch grid of the
   actual input, channel weights = the gradient averaged over the patches, map = ReLU(Σ_c w_c t_c).
+- ``ig``: integrated gradients (Sundararajan, Taly & Yan, 2017) of the target score along the straight path from
+  a baseline image to the input (midpoint rule, 32 points), summed over the channels and pixels of each patch;
+  the baseline is the image's per-channel mean colour, the image occlusion and the deletion curve fill with.
+  The patch sums add up to score(x) - score(baseline) (completeness), so a patch's value estimates what
+  replacing it with the baseline costs.
 - ``occlusion``: model-agnostic; the drop in the target probability when a patch-sized square is filled with
   the image's mean colour.
 
@@ -36,7 +41,7 @@ from torch import nn
 from vitmha.visualize import attention_rollout
 
 __all__ = ["METHODS", "Target", "explain", "attention_map", "rollout_map", "chefer_map", "gradcam_map",
-           "occlusion_map", "record", "patch_cells"]
+           "ig_map", "occlusion_map", "record", "patch_cells"]
 
 
 # ----------------------------------------------------------------------------------------------- targets
@@ -224,6 +229,31 @@ def gradcam_map(model: nn.Module, backbone: nn.Module, x: torch.Tensor, target: 
     return cam.reshape(rec.grid).float().cpu()
 
 
+def ig_map(model: nn.Module, backbone: nn.Module, x: torch.Tensor, target: Target, steps: int = 32,
+           baseline: str = "mean", batch_size: int = 16) -> torch.Tensor:
+    """Integrated gradients from ``baseline`` ('mean': the image's per-channel mean colour; 'blur': its Gaussian
+    blur, σ = half a patch; 'zero': zeros in the model's input space) to ``x``, midpoint rule with ``steps``
+    points, summed over channels and over the pixels of each patch: (gh, gw). The map sums to
+    score(x) - score(baseline) up to the quadrature error."""
+    from vitmha.explain.faithfulness import baseline_image
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    ph, pw = backbone.patch_embed.patch_size
+    x0 = torch.zeros_like(x) if baseline == "zero" else baseline_image(x, baseline, (ph, pw))
+    x, x0 = x.detach(), x0.detach()
+    alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    total = torch.zeros_like(x, dtype=torch.float64)
+    with torch.enable_grad(), record(backbone) as rec:
+        for s in range(0, steps, batch_size):
+            a = alphas[s:s + batch_size].to(x).view(-1, 1, 1, 1)
+            xs = (x0 + a * (x - x0)).requires_grad_(True)
+            grad, = torch.autograd.grad(target.score(model(xs)).sum(), xs)
+            total += grad.double().sum(0, keepdim=True)
+    attribution = ((x - x0).double() * total / steps)[0].sum(0)      # (H, W)
+    return (patch_cells(attribution, rec.grid, (ph, pw)) * (ph * pw)).float().cpu()
+
+
 def occlusion_map(model: nn.Module, backbone: nn.Module, x: torch.Tensor, target: Target,
                   window: int = 1, batch_size: int = 32) -> torch.Tensor:
     """Drop in the target probability when a ``window``×``window``-patch square (stride one patch) is filled
@@ -253,7 +283,7 @@ def occlusion_map(model: nn.Module, backbone: nn.Module, x: torch.Tensor, target
 
 METHODS: Dict[str, Callable[..., torch.Tensor]] = {
     "attention": attention_map, "rollout": rollout_map, "chefer": chefer_map, "gradcam": gradcam_map,
-    "occlusion": occlusion_map,
+    "ig": ig_map, "occlusion": occlusion_map,
 }
 
 
