@@ -4,10 +4,12 @@ AUC (higher is better) and the share of the relevance that falls on the object, 
 
     python benchmarks/faithfulness.py \\
         [--weights ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors] \\
-        [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 100]
+        [--more-photos] [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 100]
 
-(a) The sample photos data/samples/{chelsea,coffee,astronaut}.jpg with timm's real ImageNet ViT-Ti (resized
-whole to 224 px, as tools/explain.py shows them), each explained for its top-1 ImageNet class. The object
+(a) The sample photos data/samples/{chelsea,coffee,astronaut}.jpg (with ``--more-photos`` also scikit-learn's
+china.jpg and flower.jpg and matplotlib's grace_hopper.jpg, installed with those packages) with timm's real
+ImageNet ViT-Ti (resized whole to 224 px, as tools/explain.py shows them), each explained for its top-1
+ImageNet class. The object
 share is measured on the hand-drawn cat outline (data/samples/chelsea_cat_outline.json): on the photo and on
 the cat pasted at half size onto a grey canvas (benchmarks/attention_share.py's two scenes).
 (b) With ``--checkpoint``: a fine-tuned Fashion-MNIST classifier on the first ``--n`` images of the official
@@ -38,6 +40,24 @@ from vitmha.explain import (METHODS, Target, area_share, auc, deletion_curve, ex
 
 SAMPLES = ROOT / "data" / "samples"
 PHOTOS = ("chelsea", "coffee", "astronaut")
+# more real photos that come with installed dependencies (no download): scikit-learn's and matplotlib's samples
+MORE_PHOTOS = {"china": ("sklearn", "datasets/images/china.jpg"), "flower": ("sklearn", "datasets/images/flower.jpg"),
+               "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg")}
+
+
+def photo_paths(more: bool) -> Dict[str, Path]:
+    """{name: file}: the sample photos, and with ``more`` the packaged photos that are installed."""
+    import importlib
+
+    paths = {n: SAMPLES / f"{n}.jpg" for n in PHOTOS}
+    if more:
+        for name, (package, rel) in MORE_PHOTOS.items():
+            f = Path(importlib.import_module(package).__file__).parent / rel
+            if f.is_file():
+                paths[name] = f
+            else:
+                print(f"{name}: {f} not found, skipped", file=sys.stderr)
+    return paths
 NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 COLUMNS = ("del_mean", "del_blur", "ins")
 
@@ -70,7 +90,7 @@ def _mean_sem(v: List[float]) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}"
 
 
-def photos(weights: str, methods, steps: int) -> None:
+def photos(weights: str, methods, steps: int, more: bool = False) -> None:
     from attention_share import cat_scenes
 
     from vitmha.inference import eval_transform, pretrained_backbone, read_image
@@ -81,8 +101,9 @@ def photos(weights: str, methods, steps: int) -> None:
     patch = tuple(bb.patch_embed.patch_size)
     rows = {m: {c: [] for c in COLUMNS} for m in (*methods, "random")}
     per_photo, secs = [], {m: [] for m in (*methods, "random")}
-    for k, name in enumerate(PHOTOS):
-        x = tf(image=read_image(str(SAMPLES / f"{name}.jpg")))["image"][None]
+    paths = photo_paths(more)
+    for k, (name, path) in enumerate(paths.items()):
+        x = tf(image=read_image(str(path)))["image"][None]
         with torch.no_grad():
             p = bb(x).softmax(-1)[0]
         target = Target(int(p.argmax()))
@@ -108,7 +129,7 @@ def photos(weights: str, methods, steps: int) -> None:
         for m, r in maps.items():
             shares[m].append(relevance_share(r, mask))
     print(f"\n(a) sample photos, real ViT-Ti ({NAME}), 224 px, {bb.patch_embed.grid_size[0]}² patches, "
-          f"{steps} steps; mean over {', '.join(PHOTOS)}")
+          f"{steps} steps; mean over {', '.join(paths)}")
     print("\n| method | deletion AUC, mean fill ↓ | deletion AUC, blur fill ↓ | insertion AUC ↑ | "
           "share on the cat, "
           f"photo (chance {chance[0]:.2f}) | share on the cat on grey (chance {chance[1]:.2f}) | s per map |")
@@ -187,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="a Fashion-MNIST ImageClassifier checkpoint (part b)")
     ap.add_argument("--n", type=int, default=100, help="Fashion-MNIST test images (default 100)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default all)")
+    ap.add_argument("--more-photos", action="store_true",
+                    help="add scikit-learn's china/flower and matplotlib's grace_hopper photos to the three samples")
     ap.add_argument("--photo-steps", type=int, default=49, help="curve steps on the photos (196 patches; default 49)")
     ap.add_argument("--fashion-steps", type=int, default=64,
                     help="curve steps on Fashion-MNIST (at most one per patch)")
@@ -194,7 +217,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.weights:
-        photos(args.weights, methods, args.photo_steps)
+        photos(args.weights, methods, args.photo_steps, args.more_photos)
     if args.checkpoint:
         fashion(args.checkpoint, args.n, methods, args.fashion_steps)
     return 0
