@@ -103,7 +103,8 @@ def test_patch_dropout_matches_timm_in_training_and_is_off_in_eval(arch):
         assert full.shape[1] == ours.num_prefix_tokens + n_patches
         assert rel_err(ref.forward_features(x), full) < 1e-5
         ours.train()                                                 # segmentation's path keeps every token
-        assert ours.forward_intermediates(x, indices=[1], intermediates_only=True)[0].shape[-2:] == ours.patch_embed.grid_size
+        maps = ours.forward_intermediates(x, indices=[1], intermediates_only=True)
+        assert maps[0].shape[-2:] == ours.patch_embed.grid_size
     with pytest.raises(ValueError, match="patch_drop_rate"):
         vitmha.create_backbone("vit_tiny_patch16_224", depth=1, img_size=32, patch_drop_rate=1.0)
 
