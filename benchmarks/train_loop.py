@@ -45,7 +45,7 @@ def bare_epochs(config: dict, epochs: int) -> list[float]:
     gradient clipping."""
     import lightning as L
 
-    from vitmha.tasks.optim import param_groups
+    from vitmha.tasks.optim import make_optimizer, param_groups
 
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     task, data = build(config)
@@ -53,7 +53,7 @@ def bare_epochs(config: dict, epochs: int) -> list[float]:
     net = task.model
     hp = task.hparams
     groups = param_groups(net, [], lr=task.learning_rate, weight_decay=hp.weight_decay, layer_decay=hp.layer_decay)
-    opt = torch.optim.AdamW(groups, lr=task.learning_rate)
+    opt = make_optimizer("adamw", groups, lr=task.learning_rate)     # torch's AdamW, fused on the CPU as the task's
     train, val = data.train_dataloader(), data.val_dataloader()
     total = epochs * len(train)
     warm = int(hp.warmup_epochs * len(train))

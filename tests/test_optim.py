@@ -225,6 +225,30 @@ def test_task_builds_the_named_optimizer_over_the_same_groups(name, cls):
         assert all(g["momentum"] == 0.8 and g["nesterov"] for g in opt.param_groups)
 
 
+def test_adamw_on_the_cpu_is_torchs_fused_kernel_and_steps_like_the_default_loop():
+    from vitmha.tasks.optim import make_optimizer
+
+    torch.manual_seed(0)
+    ws = [nn.Parameter(torch.randn(5, 7)), nn.Parameter(torch.randn(7))]
+    refs = [nn.Parameter(w.detach().clone()) for w in ws]
+    opt = make_optimizer("adamw", [{"params": ws[:1], "weight_decay": 0.05}, {"params": ws[1:], "weight_decay": 0.0}],
+                         lr=1e-2)
+    ref_opt = torch.optim.AdamW([{"params": refs[:1], "weight_decay": 0.05}, {"params": refs[1:], "weight_decay": 0.0}],
+                                lr=1e-2, foreach=False)
+    assert opt.defaults["fused"] is True
+    for _ in range(5):
+        for w, r in zip(ws, refs):
+            g = torch.randn_like(w)
+            w.grad, r.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for w, r in zip(ws, refs):
+        assert torch.allclose(w, r, rtol=1e-5, atol=1e-6)
+    # tensors that are not plain parameters (FSDP's flat ones) keep torch's default
+    plain = make_optimizer("adamw", [{"params": [torch.zeros(3, requires_grad=True)], "weight_decay": 0.0}], lr=1e-2)
+    assert not plain.defaults["fused"]
+
+
 def test_sgd_step_equals_torch_sgd_with_l2_decay():
     from vitmha.tasks.optim import make_optimizer
 
