@@ -261,6 +261,39 @@ def test_fashion_mnist_in_one_channel_is_the_first_channel_of_the_rgb_batch():
         FashionMNISTDataModule(in_chans=2)
 
 
+def test_digits_in_one_channel_train_a_grey_model_through_the_cli(tmp_path):
+    """The built-in digits take in_chans 1 from the model's backbone_kwargs (one-channel batches equal to the
+    RGB batches' first channel) and a one-channel ViT trains on them; the RGB module on a grey model is named."""
+    import lightning as L
+
+    from vitmha.cli import VitmhaCLI
+    from vitmha.data import DigitsDataModule
+    from vitmha.tasks import ImageClassifier
+
+    grey = DigitsDataModule(image_size=16, augment=False, in_chans=1, mean=[0.5], std=[0.25])
+    rgb = DigitsDataModule(image_size=16, augment=False, mean=[0.5], std=[0.25])     # one value for every channel
+    grey.setup("fit"), rgb.setup("fit")
+    (x1, y1), (x3, y3) = next(iter(grey.val_dataloader())), next(iter(rgb.val_dataloader()))
+    assert x1.shape[1] == 1 and x3.shape[1] == 3
+    assert torch.equal(y1, y3) and torch.equal(x1[:, 0], x3[:, 0])
+    with pytest.raises(ValueError, match="in_chans must be 1 .* or 3"):
+        DigitsDataModule(in_chans=4)
+
+    kwargs = dict(in_chans=1, img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    VitmhaCLI(args=["fit", "--model", "vitmha.tasks.ImageClassifier", "--model.init_args.backbone_kwargs",
+                    json.dumps(kwargs), "--model.init_args.warmup_epochs", "0",
+                    "--data", "vitmha.data.DigitsDataModule", "--data.init_args.image_size", "16",
+                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert list(tmp_path.rglob("last.ckpt"))
+
+    model = ImageClassifier(num_classes=10, warmup_epochs=0, backbone_kwargs=kwargs)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(DataValidationError, match=r"3 channel.*takes 1"):
+        trainer.fit(model, datamodule=DigitsDataModule(image_size=16))
+
+
 def test_nuclei_in_one_channel_is_the_first_channel_of_the_rgb_tiles():
     from vitmha.data import NucleiDataModule
 

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from vitmha.data.base import BaseDataModule
+from vitmha.data.channels import check_model_channels, grey_channels
 from vitmha.data.datasets import (_ArrayPredict, _ArraySegmentation, _FastShapes, _passthrough, _TensorClassification,
                                   _TensorPredict)
 from vitmha.data.sources import DIGIT_CLASSES, SHAPE_CLASSES, generate_shapes, load_digits_split
@@ -74,6 +75,7 @@ class DigitsDataModule(InMemoryClassificationModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
+        in_chans: int = 3,
     ):
         """
         Args:
@@ -92,6 +94,8 @@ class DigitsDataModule(InMemoryClassificationModule):
             mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            in_chans: 3 (the grey digit replicated, for RGB models) or 1 (the grey digit itself, for a model
+                with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -99,11 +103,13 @@ class DigitsDataModule(InMemoryClassificationModule):
         self.split_seed, self.val_fraction = split_seed, val_fraction
         self.augment, self.max_rotate, self.max_shift, self.scale = augment, max_rotate, max_shift, tuple(scale)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=grey_channels(in_chans))
         self.num_classes = 10
         self.classes = list(DIGIT_CLASSES)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if self.datasets:
             return
         x, y, tr, va = load_digits_split(self.image_size, self.val_fraction, self.split_seed)

@@ -150,6 +150,14 @@ def channel_mean_std(paths: Sequence[str], read: Callable[[str], np.ndarray],
     return tuple(float(m) for m in mean), tuple(float(s) for s in std), len(picked)
 
 
+def grey_channels(in_chans: int) -> int:
+    """``in_chans`` of a grey dataset: 1 (as it is) or 3 (replicated); ValueError for others."""
+    if int(in_chans) not in (1, 3):
+        raise ValueError(f"in_chans must be 1 (grey) or 3 (grey replicated to RGB) for this grey dataset, "
+                         f"got {in_chans}")
+    return int(in_chans)
+
+
 # ------------------------------------------------------------------------------------------ the model
 def model_in_chans(model: Any) -> Optional[int]:
     """Input channels of the first ViT patch embedding in ``model`` (None when it has none)."""

@@ -14,19 +14,11 @@ import numpy as np
 from vitmha.data.base import BaseDataModule
 from vitmha.data.builtin import InMemoryClassificationModule
 from vitmha.data.datasets import _ArrayPredict, _RandomCrops, _Tiles
-from vitmha.data.channels import check_model_channels
+from vitmha.data.channels import check_model_channels, grey_channels
 from vitmha.data.errors import DataValidationError
 from vitmha.data.sources import (FASHION_CLASSES, load_fashion_mnist, mnist5k_path, percentile_normalize,
                                  stardist_nuclei_paths)
 from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval
-
-
-def _grey_channels(in_chans: int) -> int:
-    """``in_chans`` of a grey dataset: 1 (as it is) or 3 (replicated); ValueError for others."""
-    if int(in_chans) not in (1, 3):
-        raise ValueError(f"in_chans must be 1 (grey) or 3 (grey replicated to RGB) for this grey dataset, "
-                         f"got {in_chans}")
-    return int(in_chans)
 
 
 class FashionMNISTDataModule(InMemoryClassificationModule):
@@ -87,7 +79,7 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
-                          in_chans=_grey_channels(in_chans))
+                          in_chans=grey_channels(in_chans))
         self.root, self.val_size, self.split_seed = root, val_size, split_seed
         self.num_classes = 10
         self.classes = list(FASHION_CLASSES)
@@ -160,7 +152,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
-                          in_chans=_grey_channels(in_chans))
+                          in_chans=grey_channels(in_chans))
         if not 0 < subset_fraction <= 1:
             raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -242,7 +234,7 @@ class NucleiDataModule(BaseDataModule):
         self.image_size = crop_size
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
-                          in_chans=_grey_channels(in_chans))
+                          in_chans=grey_channels(in_chans))
         self.num_classes = 2
         self.classes = ["background", "nucleus"]
         self.ignore_index = 255
