@@ -107,6 +107,28 @@ def test_cli_takes_mean_std_from_the_pretrained_config(offline_hub, tmp_path):
     assert torch.equal(cli.model.model.blocks[5].mlp.fc1.weight, w["blocks.5.mlp.fc1.weight"])
 
 
+def test_keep_blocks_through_the_cli_is_timms_first_blocks(offline_hub, tmp_path):
+    """`backbone_kwargs: {keep_blocks: 9}` with `pretrained: true`: the model's blocks are the file's first 9,
+    and its tokens after them equal timm's full model's 9th intermediate (before the final norm)."""
+    from vitmha.cli import VitmhaCLI
+
+    real = next(offline_hub.glob("models--*/snapshots/*/model.safetensors"))
+    with pytest.warns(UserWarning, match=r"keeping the first 9 of the checkpoint's 12 blocks"):
+        cli = VitmhaCLI(args=["--model", "vitmha.tasks.ImageClassifier", "--model.init_args.backbone", REAL_NAME,
+                              "--model.init_args.pretrained", "true", "--model.init_args.num_classes", "10",
+                              "--model.init_args.backbone_kwargs", "{img_size: 28, patch_size: 7, keep_blocks: 9}",
+                              "--data", "vitmha.data.DigitsDataModule", "--data.init_args.image_size", "28",
+                              "--trainer.default_root_dir", str(tmp_path / "run")], run=False)
+    ours = cli.model.model.eval()
+    assert len(ours.blocks) == 9
+    ref = _timm(real, img_size=28, patch_size=7)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        a = ref.forward_intermediates(x, indices=[8], norm=False, intermediates_only=True, output_fmt="NLC")[0]
+        b = ours.forward_intermediates(x, indices=[8], norm=False, intermediates_only=True, output_fmt="NLC")[0]
+    assert a.shape == b.shape and _rel(a, b) <= 1e-5
+
+
 def test_zero_shot_predict_names_the_imagenet_classes(offline_hub, tmp_path):
     from tests.helpers import load_tool
 

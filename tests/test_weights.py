@@ -74,6 +74,23 @@ def test_other_architecture_is_an_error_listing_keys():
         vitmha.create_backbone("vit_tiny_patch16_224", pretrained=partial, **TINY)
 
 
+def test_keep_blocks_loads_the_first_blocks_of_a_deeper_checkpoint():
+    deeper = _ref(depth=3, img_size=32)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()   # timm, 2 blocks
+    ref.load_state_dict({k: v for k, v in deeper.state_dict().items() if not k.startswith("blocks.2.")})
+    with pytest.warns(UserWarning, match=r"keeping the first 2 of the checkpoint's 3 blocks"):
+        ours = vitmha.create_backbone("vit_tiny_patch16_224", pretrained=deeper.state_dict(), keep_blocks=2,
+                                      img_size=32)
+    assert len(ours.blocks) == 2
+    _same_outputs(ref, ours)
+    with pytest.raises(WeightsError, match=r"missing \(\d+\): blocks\.3\."):        # deeper than the checkpoint
+        vitmha.create_backbone("vit_tiny_patch16_224", pretrained=deeper.state_dict(), keep_blocks=4, img_size=32)
+    for bad, msg in [(dict(keep_blocks=0), "keep_blocks=0"), (dict(keep_blocks=2.5), "keep_blocks=2.5"),
+                     (dict(keep_blocks=2, depth=3), "keep_blocks=2 and depth=3 disagree")]:
+        with pytest.raises(ValueError, match=msg):
+            vitmha.create_backbone("vit_tiny_patch16_224", pretrained=deeper.state_dict(), img_size=32, **bad)
+
+
 def test_truncated_files_are_clear_errors(tmp_path):
     from safetensors.torch import save_file
 

@@ -20,7 +20,9 @@ def create_backbone(name: str, pretrained: Pretrained = False,
     dynamic_img_size, ...). `pretrained`: False (random init), True (timm's pretrained weights from the local
     hub cache), a path (.safetensors, .pth/.pt/.bin, .npz) or a state dict. Raises WeightsError when weights
     cannot be read or do not fit, UnsupportedArchError for timm archs vitmha does not reproduce.
-    `features_only=True` (with `out_indices`, `pyramid`, `pyramid_channels`) returns a FeatureBackbone whose
+    `keep_blocks=N` builds the arch with only its first N blocks and loads the pretrained weights' first N
+    (the deeper ones dropped with a warning): a cheaper model that keeps the lower layers' features; a plain
+    `depth` below the checkpoint's stays an error. `features_only=True` (with `out_indices`, `pyramid`, `pyramid_channels`) returns a FeatureBackbone whose
     forward gives a list of NCHW maps, as timm's features_only.
     """
     fused_attn = overrides.pop("fused_attn", True)
@@ -33,6 +35,13 @@ def create_backbone(name: str, pretrained: Pretrained = False,
     pdr = overrides.get("patch_drop_rate")
     if pdr is not None and not 0.0 <= float(pdr) < 1.0:
         raise ValueError(f"patch_drop_rate={pdr}: expected a value in [0, 1)")
+    keep_blocks = overrides.pop("keep_blocks", None)   # the pretrained model's first N blocks, the rest dropped
+    if keep_blocks is not None:
+        if isinstance(keep_blocks, bool) or not isinstance(keep_blocks, int) or keep_blocks < 1:
+            raise ValueError(f"keep_blocks={keep_blocks!r}: expected a whole number of blocks >= 1")
+        if overrides.get("depth", keep_blocks) != keep_blocks:
+            raise ValueError(f"keep_blocks={keep_blocks} and depth={overrides['depth']} disagree: give one")
+        overrides["depth"] = keep_blocks
     weight_init = overrides.get("weight_init") or "timm"      # timm's modes: '', 'jax', 'jax_nlhb', 'moco'
     weight_init = "jax" if weight_init.startswith("jax") else "timm"
     cfg = arch_config(name, **overrides)
@@ -46,10 +55,11 @@ def create_backbone(name: str, pretrained: Pretrained = False,
         "input_size": (cfg["in_chans"], *model.patch_embed.img_size),
         "architecture": split_name(name)[0],
     }
+    truncate = keep_blocks is not None
     if pretrained is True:
-        load_into(model, resolve_pretrained_file(name))
+        load_into(model, resolve_pretrained_file(name), truncate_depth=truncate)
     elif pretrained:
-        load_into(model, pretrained)
+        load_into(model, pretrained, truncate_depth=truncate)
     if features_only:
         return FeatureBackbone(model, **feature_kwargs)
     return model

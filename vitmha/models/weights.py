@@ -305,8 +305,23 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.to(weight.dtype)
 
 
-def load_into(model: nn.Module, weights, source: str = "weights") -> None:
-    """Load a file path or a state dict into a vitmha VisionTransformer, converting and checking as described."""
+def _keep_first_blocks(sd: StateDict, depth: int, source: str) -> StateDict:
+    """Drop the checkpoint's blocks from index ``depth`` on (a model built shallower on purpose), warning once."""
+    idx = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not idx or max(idx) < depth:
+        return sd
+    warnings.warn(f"{source}: keeping the first {depth} of the checkpoint's {max(idx) + 1} blocks (keep_blocks={depth}); "
+                  f"blocks {depth}-{max(idx)} are not loaded", stacklevel=4)
+    return {k: v for k, v in sd.items()
+            if not ((m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth)}
+
+
+def load_into(model: nn.Module, weights, source: str = "weights", truncate_depth: bool = False) -> None:
+    """Load a file path or a state dict into a vitmha VisionTransformer, converting and checking as described.
+
+    ``truncate_depth``: the model was built with fewer blocks than the checkpoint on purpose (``keep_blocks``
+    given); the checkpoint's first ``len(model.blocks)`` blocks are loaded and the deeper ones dropped. Without
+    it, extra blocks are an error like any other unexpected key."""
     if isinstance(weights, (str, os.PathLike)):
         source = str(weights)
         sd = read_weights(weights)
@@ -316,6 +331,8 @@ def load_into(model: nn.Module, weights, source: str = "weights") -> None:
         raise WeightsError(f"pretrained must be False, True, a path or a state dict; got {type(weights).__name__}")
     sd = convert_layout(sd, model, source)
     sd = _fit_shapes(sd, model, source)
+    if truncate_depth:
+        sd = _keep_first_blocks(sd, len(model.blocks), source)
     own = model.state_dict()
 
     head_keys = [k for k in own if k.startswith("head.")]
