@@ -4,7 +4,7 @@ AUC (higher is better) and the share of the relevance that falls on the object, 
 
     python benchmarks/faithfulness.py \\
         [--weights ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors] \\
-        [--more-photos] [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 100]
+        [--more-photos] [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 500]
 
 (a) The sample photos data/samples/{chelsea,coffee,astronaut}.jpg (with ``--more-photos`` also scikit-learn's
 china.jpg and flower.jpg and matplotlib's grace_hopper.jpg, installed with those packages) with timm's real
@@ -197,6 +197,24 @@ def fashion(checkpoint: str, n: int, methods, steps: int) -> None:
         wins = "" if ref is None else f"{np.mean(np.asarray(r['del_mean']) < ref) * 100:.0f} %"
         print(f"| {m} | {_mean_sem(r['del_mean'])} | {_mean_sem(r['del_blur'])} | {_mean_sem(r['ins'])} | "
               f"{_mean_sem(shares[m])} | {wins} | {np.mean(secs[m]):.3f} |")
+    paired_differences(rows)
+
+
+def paired_differences(rows: Dict[str, Dict[str, List[float]]]) -> None:
+    """Each method's deletion AUC minus raw attention's and rollout's on the same image: mean ± s.e.m. of the
+    per-image differences (negative = deletes better), the comparison the images' own spread would blur."""
+    refs = [r for r in ("attention", "rollout") if r in rows]
+    if not refs:
+        return
+    print("\nPaired per image, deletion AUC minus the reference's (mean ± s.e.m.; below 0 = better than it):\n")
+    print("| method | " + " | ".join(f"− {r}, {fill} fill" for r in refs for fill in ("mean", "blur")) + " |")
+    print("|---|" + "---|" * (2 * len(refs)))
+    for m, r in rows.items():
+        if m in refs:
+            continue
+        cells = [_mean_sem(list(np.asarray(r[c]) - np.asarray(rows[ref][c])))
+                 for ref in refs for c in ("del_mean", "del_blur")]
+        print(f"| {m} | " + " | ".join(cells) + " |")
 
 
 def main(argv=None) -> int:
@@ -206,7 +224,7 @@ def main(argv=None) -> int:
                     default=str(ROOT.parent / "shared" / "weights" / f"{NAME}.safetensors"),
                     help="timm's ViT-Ti weights for the photos ('' skips them)")
     ap.add_argument("--checkpoint", default=None, help="a Fashion-MNIST ImageClassifier checkpoint (part b)")
-    ap.add_argument("--n", type=int, default=100, help="Fashion-MNIST test images (default 100)")
+    ap.add_argument("--n", type=int, default=500, help="Fashion-MNIST test images (default 500)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default all)")
     ap.add_argument("--more-photos", action="store_true",
                     help="add scikit-learn's china/flower and matplotlib's grace_hopper photos to the three samples")
