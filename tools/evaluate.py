@@ -11,7 +11,7 @@ per_class_iou.csv, confusion_matrix.png/.csv, samples.png (image | truth | predi
 summary.json holds the metrics exactly as the task logs them (``val/acc``, ``test/miou``, ...).
 
 With ``--robustness`` it also writes robustness.csv and robustness.png: accuracy (classifier) or mIoU
-(segmenter) on the first ``--robustness_subset`` samples of the split (default 256 images, 64 for a
+(segmenter) on the first ``--robustness_subset`` samples of the split (default 512 images, 64 for a
 segmenter; 0 = all), clean, under Gaussian noise, Gaussian blur, JPEG, brightness and contrast (severity
 levels 1, 3, 5 of 5; all five with ``--robustness_full``), and under FGSM and 10-step PGD at ε = 1/255,
 4/255, 16/255 in [0, 1] pixel units (1, 2, 4, 8, 16 /255 with ``--robustness_full``). Corruptions and
@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     r.add_argument("--robustness_full", "--robustness-full", action="store_true", default=None,
                    help="5 severity levels and 5 ε instead of 3 and 3")
     r.add_argument("--robustness_subset", "--robustness-subset", type=int, default=None, metavar="N",
-                   help="the first N samples of the split, the same for every row (default 256 images for a "
+                   help="the first N samples of the split, the same for every row (default 512 images for a "
                         "classifier, 64 for a segmenter; 0 = all)")
     r.add_argument("--robustness_corruptions", "--robustness-corruptions", default=None, metavar="LIST",
                    help="comma-separated subset of gaussian_noise, gaussian_blur, jpeg, brightness, contrast, "
