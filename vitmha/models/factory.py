@@ -22,8 +22,9 @@ def create_backbone(name: str, pretrained: Pretrained = False,
     cannot be read or do not fit, UnsupportedArchError for timm archs vitmha does not reproduce.
     `keep_blocks=N` builds the arch with only its first N blocks and loads the pretrained weights' first N
     (the deeper ones dropped with a warning): a cheaper model that keeps the lower layers' features; a plain
-    `depth` below the checkpoint's stays an error. `features_only=True` (with `out_indices`, `pyramid`, `pyramid_channels`) returns a FeatureBackbone whose
-    forward gives a list of NCHW maps, as timm's features_only.
+    `depth` below the checkpoint's stays an error. `features_only=True` (with `out_indices`, `pyramid`,
+    `pyramid_channels`) returns a FeatureBackbone whose forward gives a list of NCHW maps, as timm's
+    features_only.
     """
     fused_attn = overrides.pop("fused_attn", True)
     features_only = overrides.pop("features_only", False)    # timm's: wrap as a FeatureBackbone (maps out)
@@ -55,11 +56,9 @@ def create_backbone(name: str, pretrained: Pretrained = False,
         "input_size": (cfg["in_chans"], *model.patch_embed.img_size),
         "architecture": split_name(name)[0],
     }
-    truncate = keep_blocks is not None
-    if pretrained is True:
-        load_into(model, resolve_pretrained_file(name), truncate_depth=truncate)
-    elif pretrained:
-        load_into(model, pretrained, truncate_depth=truncate)
+    if pretrained:
+        load_into(model, resolve_pretrained_file(name) if pretrained is True else pretrained,
+                  truncate_depth=keep_blocks is not None)
     if features_only:
         return FeatureBackbone(model, **feature_kwargs)
     return model

@@ -305,15 +305,20 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return w.to(weight.dtype)
 
 
+def _block_index(key: str) -> int:
+    """i for a ``blocks.i.*`` key, -1 for any other."""
+    m = re.match(r"blocks\.(\d+)\.", key)
+    return int(m.group(1)) if m else -1
+
+
 def _keep_first_blocks(sd: StateDict, depth: int, source: str) -> StateDict:
     """Drop the checkpoint's blocks from index ``depth`` on (a model built shallower on purpose), warning once."""
-    idx = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not idx or max(idx) < depth:
+    last = max(map(_block_index, sd), default=-1)
+    if last < depth:
         return sd
-    warnings.warn(f"{source}: keeping the first {depth} of the checkpoint's {max(idx) + 1} blocks (keep_blocks={depth}); "
-                  f"blocks {depth}-{max(idx)} are not loaded", stacklevel=4)
-    return {k: v for k, v in sd.items()
-            if not ((m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth)}
+    warnings.warn(f"{source}: keeping the first {depth} of the checkpoint's {last + 1} blocks "
+                  f"(keep_blocks={depth}); blocks {depth}-{last} are not loaded", stacklevel=4)
+    return {k: v for k, v in sd.items() if _block_index(k) < depth}
 
 
 def load_into(model: nn.Module, weights, source: str = "weights", truncate_depth: bool = False) -> None:
