@@ -159,6 +159,69 @@ def test_fused_and_explicit_paths_agree(mask_kind):
         assert (probs[..., ~mask] == 0).all()
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_for_the_first_queries_equals_those_rows_of_the_full_output(mask_kind, fused):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=True, norm_layer=nn.LayerNorm, fused=fused).eval()
+    x = torch.randn(2, 7, 32)
+    mask = {"none": None, "bool": torch.rand(7, 7) > 0.3, "float": torch.randn(2, 1, 7, 7)}[mask_kind]
+    if mask_kind == "bool":
+        mask.fill_diagonal_(True)
+    full = attn(x, attn_mask=mask)
+    for n in (1, 3):
+        part = attn(x, attn_mask=mask, num_queries=n)
+        assert part.shape == (2, n, 32)
+        assert torch.allclose(part, full[:, :n], atol=1e-6)
+
+
+# class-token classifiers of different block kinds: plain, LayerScale + registers, res-post-norm, qk-norm
+PRUNE_CASES = [PARITY_CASES[0], PARITY_CASES[5],
+               ("vit_base_patch16_rpn_224", dict(SMALL, img_size=64, class_token=True, global_pool="token")),
+               PARITY_CASES[13]]
+
+
+@pytest.mark.parametrize("arch,kw", PRUNE_CASES, ids=[a for a, _ in PRUNE_CASES])
+def test_last_block_for_the_class_token_only_equals_timm_and_the_full_block(arch, kw):
+    """forward() runs the last block for the class token alone (all a 'token' pool reads): logits equal
+    timm's, and loss gradients (with drop-path, in training) equal those of the every-token block."""
+    ref, ours = timm_and_ours(arch, **{**kw, "drop_path_rate": 0.2, "num_classes": 5})
+    assert ours.global_pool == "token" and ours.reads_class_token_only()
+    size = kw["img_size"]
+    x, y = torch.randn(3, 3, size, size), torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        assert rel_err(ref(x), ours(x)) < 1e-5
+    ours.train()
+    grads, logits = [], []
+    for prune in (True, False):
+        ours.prune_last_block = prune
+        ours.zero_grad()
+        torch.manual_seed(3)                                   # the same drop-path draws
+        out = ours(x)
+        F.cross_entropy(out, y).backward()
+        logits.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    assert rel_err(logits[0], logits[1]) < 1e-5
+    top = max(g.abs().max().item() for g in grads[1].values())
+    for name, g in grads[1].items():    # k_norm's bias gets a gradient of ~1e-9 (exactly 0 in real numbers)
+        assert (grads[0][name] - g).abs().max().item() <= 1e-4 * g.abs().max().item() + 1e-7 * top, name
+
+
+def test_last_block_runs_every_token_when_something_reads_them():
+    m = vitmha.create_backbone("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=3)
+    assert m.reads_class_token_only()
+    seen = []
+    h = m.blocks[-1].mlp.register_forward_hook(lambda mod, i, o: seen.append(o.shape[1]))
+    m(torch.randn(2, 3, 32, 32))
+    assert seen == [5] and not m.reads_class_token_only()      # a hook on the block sees every token
+    h.remove()
+    assert m.reads_class_token_only()
+    m.prune_last_block = False
+    assert not m.reads_class_token_only()
+    for arch in ("vit_base_patch16_gap_224", "vit_base_patch16_siglip_224"):   # avg pool, attention pool
+        assert not vitmha.create_backbone(arch, **SMALL, img_size=32).reads_class_token_only()
+
+
 def test_attention_matches_torch_multihead_attention():
     torch.manual_seed(0)
     D, H = 48, 6
