@@ -76,7 +76,7 @@ class Block(nn.Module):
                 num_queries: Optional[int] = None) -> torch.Tensor:
         """(B, N, D) -> (B, N, D); with ``num_queries`` n, only the first n tokens' outputs (B, n, D)."""
         y = self.attn(self.norm1(x), attn_mask=attn_mask, num_queries=num_queries)
-        x = (x if num_queries is None else x[:, :num_queries]) + self.drop_path1(self.ls1(y))
+        x = x[:, :num_queries] + self.drop_path1(self.ls1(y))                 # [:, :None] keeps every row
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
@@ -100,7 +100,7 @@ class ResPostBlock(Block):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 num_queries: Optional[int] = None) -> torch.Tensor:
         y = self.attn(x, attn_mask=attn_mask, num_queries=num_queries)
-        x = (x if num_queries is None else x[:, :num_queries]) + self.drop_path1(self.norm1(y))
+        x = x[:, :num_queries] + self.drop_path1(self.norm1(y))
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
     def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
