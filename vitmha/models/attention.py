@@ -70,18 +70,12 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, return_attn: bool = False,
-        num_queries: Optional[int] = None,
     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """(B, N, D) -> (B, N, D); with ``num_queries`` n only the first n tokens query (every token is still a
-        key and a value): (B, n, D), the same rows as the full output's first n."""
+        """(B, N, D) -> (B, N, D), and with ``return_attn`` the probabilities (B, heads, N, N)."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                          # each (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        if num_queries is not None:
-            q, N = q[:, :, :num_queries], num_queries
-            if attn_mask is not None and attn_mask.ndim >= 2 and attn_mask.shape[-2] > 1:
-                attn_mask = attn_mask[..., :num_queries, :]
         attn = None
         if self.fused and not return_attn:
             x = F.scaled_dot_product_attention(

@@ -72,11 +72,9 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                num_queries: Optional[int] = None) -> torch.Tensor:
-        """(B, N, D) -> (B, N, D); with ``num_queries`` n, only the first n tokens' outputs (B, n, D)."""
-        y = self.attn(self.norm1(x), attn_mask=attn_mask, num_queries=num_queries)
-        x = x[:, :num_queries] + self.drop_path1(self.ls1(y))                 # [:, :None] keeps every row
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D)."""
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
@@ -97,10 +95,8 @@ class ResPostBlock(Block):
             nn.init.constant_(self.norm1.weight, init_values)
             nn.init.constant_(self.norm2.weight, init_values)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                num_queries: Optional[int] = None) -> torch.Tensor:
-        y = self.attn(x, attn_mask=attn_mask, num_queries=num_queries)
-        x = x[:, :num_queries] + self.drop_path1(self.norm1(y))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask)))
         return x + self.drop_path2(self.norm2(self.mlp(x)))
 
     def forward_with_attn(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None
@@ -234,9 +230,6 @@ class VisionTransformer(nn.Module):
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        #: ``forward`` runs the last block for the class token only when that is all the classifier reads
-        #: (see ``reads_class_token_only``); False runs it for every token, as ``forward_features`` does
-        self.prune_last_block = True
         self.pretrained_cfg: Dict = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                      "input_size": (in_chans, *to_2tuple(img_size))}
 
@@ -374,12 +367,10 @@ class VisionTransformer(nn.Module):
         return (-(-H // ph), -(-W // pw)) if self.patch_embed.dynamic_pad else (H // ph, W // pw)
 
     def _run_blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, take: Sequence[int] = (),
-                    last: Optional[int] = None, attention: bool = False, last_queries: Optional[int] = None,
-                    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                    last: Optional[int] = None, attention: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """The one block loop: embedded tokens through blocks 0..``last`` (default all). Returns the last
         block's output and, for the blocks in ``take``, their outputs, or with ``attention`` their attention
-        probabilities (those blocks then run the explicit attention path). With ``last_queries`` n the final
-        block computes the first n tokens' outputs only."""
+        probabilities (those blocks then run the explicit attention path)."""
         out = []
         run = self.blocks[:len(self.blocks) if last is None else last + 1]
         for i, blk in enumerate(run):
@@ -387,44 +378,23 @@ class VisionTransformer(nn.Module):
                 x, attn = blk.forward_with_attn(x, attn_mask)
                 out.append(attn)
                 continue
-            nq = last_queries if i == len(run) - 1 else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, attn_mask, nq, use_reentrant=False)
+                x = checkpoint(blk, x, attn_mask, use_reentrant=False)
             else:
-                x = blk(x, attn_mask, nq)
+                x = blk(x, attn_mask)
             if i in take:
                 out.append(x)
         return x, out
 
     def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
-        return self._features(x, attn_mask)
-
-    def _features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                  last_queries: Optional[int] = None) -> torch.Tensor:
         x = self._pos_embed(self.patch_embed(x))
         if self.training and not isinstance(self.patch_drop, nn.Identity):
             if attn_mask is not None:
                 raise ValueError("patch_drop_rate > 0 drops tokens while training; it cannot take an attn_mask")
             x = self.patch_drop(x)
-        x, _ = self._run_blocks(self.norm_pre(x), attn_mask, last_queries=last_queries)
+        x, _ = self._run_blocks(self.norm_pre(x), attn_mask)
         return self.norm(x)
-
-    def reads_class_token_only(self) -> bool:
-        """True when ``forward`` runs the last block for the class token alone: the classifier reads nothing
-        else (``global_pool='token'``, no attention pooling) and nothing watches that block (no module hooks
-        on it or below it, as explanations and VPT prompts register, no global module hooks) and
-        ``prune_last_block`` is on. Tokens mix only in attention, so the class token's output is the same;
-        the other tokens' projection and MLP in that block are skipped (1/depth of the work, less their keys
-        and values)."""
-        if not (self.prune_last_block and self.global_pool == "token" and self.attn_pool is None and len(self.blocks)):
-            return False
-        from torch.nn.modules import module as _m
-        if _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks \
-                or _m._global_backward_pre_hooks:
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                       for m in self.blocks[-1].modules())
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
         """(B, prefix + N, D) -> (B, D) by the configured pooling."""
@@ -449,7 +419,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes), or pooled features when num_classes=0."""
-        return self.forward_head(self._features(x, last_queries=1 if self.reads_class_token_only() else None))
+        return self.forward_head(self.forward_features(x))
 
     def _resolve_indices(self, indices: Union[int, Sequence[int], None]) -> List[int]:
         depth = len(self.blocks)
