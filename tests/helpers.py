@@ -74,22 +74,24 @@ def build_checkpoints(base: Path) -> Dict[str, Path]:
     return _CACHE
 
 
-def load_tool(name: str):
-    """tools/<name>.py imported as a module (its ``main(argv)`` runs in this process)."""
-    import importlib.util
+COMMAND_MODULES = {"seed_hf_cache": "seed_cache"}
+VITMHA = Path(sys.executable).with_name("vitmha")  # the installed command of this environment
 
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+
+def load_tool(name: str):
+    """The module of ``vitmha <name>`` (``vitmha.commands.<name>``; its ``main(argv)`` runs in this process)."""
+    import importlib
+
+    return importlib.import_module(f"vitmha.commands.{COMMAND_MODULES.get(name, name)}")
 
 
 def run_tool(name: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``python tools/<name>.py args...`` from the repository root."""
+    """The installed ``vitmha <name> args...`` in a subprocess, from the repository root."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("VITMHA_TRACEBACK", None)
-    return subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = {"seed_hf_cache": "seed-cache"}.get(name, name)
+    return subprocess.run([str(VITMHA), cmd, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def assert_real_png(path: Path, size=None) -> np.ndarray:

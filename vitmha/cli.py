@@ -112,13 +112,18 @@ class VitmhaCLI(LightningCLI):
         kwargs.setdefault("parser_class", VitmhaArgumentParser)
         # a fixed default seed: runs repeat, and a resumed run reseeds exactly as the first one did
         kwargs.setdefault("seed_everything_default", 0)
-        parser_kwargs = {"description": "vitmha: train, evaluate and run vision transformers (LightningCLI)."}
-        if os.path.basename(sys.argv[0]) in ("cli.py", "__main__.py", "-c", ""):
-            parser_kwargs["prog"] = "vitmha"
+        parser_kwargs = {"description": "vitmha: train, validate and test vision transformers (LightningCLI).",
+                         "prog": "vitmha"}
         kwargs["parser_kwargs"] = {**parser_kwargs, **(kwargs.get("parser_kwargs") or {})}
         super().__init__(
             LightningModule, LightningDataModule, *args, save_config_kwargs=save_config_kwargs, **kwargs
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test; predicting is ``vitmha predict`` (images in, files out)."""
+        every = LightningCLI.subcommands()
+        return {name: every[name] for name in LIGHTNING_COMMANDS}
 
     # ------------------------------------------------------------------------------------------ parsing
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -346,14 +351,71 @@ def _progress_bar() -> ProgressBar:
     return TQDMProgressBar()
 
 
-@exit_on_user_error
+#: every ``vitmha`` subcommand: (module with ``main(argv)``, or None for LightningCLI's, and its summary)
+COMMANDS: dict[str, tuple[Optional[str], str]] = {
+    "fit": (None, "train a task from a YAML config (--config X.yaml [--section.key value ...] [--ckpt_path C])"),
+    "validate": (None, "run the validation split through a checkpoint (--config X.yaml --ckpt_path C)"),
+    "test": (None, "run the test split through a checkpoint and write the evaluation report"),
+    "predict": ("vitmha.commands.predict", "labels, probabilities or masks for images, folders or globs"),
+    "evaluate": ("vitmha.commands.evaluate", "an evaluation report of a checkpoint (per class; --robustness)"),
+    "export": ("vitmha.commands.export", "a checkpoint as ONNX, TorchScript, timm safetensors or PEFT weights"),
+    "explain": ("vitmha.commands.explain", "relevance maps of a prediction (attention, rollout, Chefer, IG, ...)"),
+    "attention": ("vitmha.commands.attention", "attention maps of a checkpoint or backbone on an image"),
+    "tune": ("vitmha.commands.tune", "hyper-parameter or architecture search with Optuna"),
+    "parity": ("vitmha.commands.parity", "compare vitmha with timm on every timm ViT architecture"),
+    "seed-cache": ("vitmha.commands.seed_cache", "put a weights file in the Hugging Face cache for offline use"),
+}
+LIGHTNING_COMMANDS = tuple(name for name, (module, _) in COMMANDS.items() if module is None)
+
+
+def usage() -> str:
+    """The top-level ``vitmha --help``: every subcommand with its summary."""
+    from vitmha import __version__
+
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"usage: vitmha <command> [options]   (vitmha {__version__})", "",
+             "vision transformers with from-scratch attention that load timm weights: train, evaluate, run", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}{summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`vitmha <command> --help` explains each one; `python tools/train.py` is `vitmha fit`."]
+    return "\n".join(lines)
+
+
 def cli_main(args: Optional[list[str]] = None) -> None:
-    """Run the ``vitmha`` command line on ``args`` (default: ``sys.argv[1:]``).
+    """Run the ``vitmha`` command line on ``args`` (default: ``sys.argv[1:]``): the first item names the
+    subcommand (``vitmha --help`` lists them).
 
     Raises SystemExit(2) after printing ``error: ...`` for vitmha's user-facing errors; other exceptions
     propagate with their traceback.
     """
-    VitmhaCLI(args=args)
+    argv = [str(a) for a in (sys.argv[1:] if args is None else args)]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        raise SystemExit(0 if argv else 2)
+    if argv[0] in ("-V", "--version"):
+        from vitmha import __version__
+
+        print(f"vitmha {__version__}")
+        return
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: unknown command {name!r}; expected one of {', '.join(COMMANDS)} (vitmha --help)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    module = COMMANDS[name][0]
+    if module is None:
+        _lightning_main(argv)
+        return
+    import importlib
+
+    rc = importlib.import_module(module).main(argv[1:])
+    if isinstance(rc, int) and rc:
+        raise SystemExit(rc)
+
+
+@exit_on_user_error
+def _lightning_main(argv: list[str]) -> None:
+    VitmhaCLI(args=argv)
 
 
 if __name__ == "__main__":

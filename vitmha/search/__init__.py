@@ -1,6 +1,6 @@
 """Hyper-parameter and architecture search over vitmha training configs, with Optuna.
 
-``tools/tune.py`` is the command; this package holds its parts: the search-space file
+``vitmha tune`` is the command; this package holds its parts: the search-space file
 (:mod:`~vitmha.search.space`), cost of a candidate before it trains (:mod:`~vitmha.search.cost`), the
 pruning callback that runs inside each trial (:mod:`~vitmha.search.pruning`), the study runner
 (:mod:`~vitmha.search.study`), its reports (:mod:`~vitmha.search.report`) and the lr finder

@@ -88,7 +88,7 @@ class LrFindResult:
 
 def lr_find(config_args: Sequence[str], output: str, min_lr: float = 1e-6, max_lr: float = 1.0,
             num_steps: int = 100, print_fn: Callable[[str], None] = print) -> LrFindResult:
-    """Sweep the lr of the task in the config (``tools/train.py``'s arguments) over ``num_steps`` training
+    """Sweep the lr of the task in the config (``vitmha fit``'s arguments) over ``num_steps`` training
     steps; write ``lr_find.png`` and ``lr_find.csv`` in ``output``; return the suggestion."""
     if not 0 < min_lr < max_lr or num_steps < 5:
         raise SearchError(f"lr finder: needs 0 < --lr_min < --lr_max and --lr_steps >= 5, "

@@ -2,7 +2,7 @@
 the trial in the study's storage and stops the fit when the pruner says so.
 
 It is vitmha's own (optuna-integration's callback has broken across Lightning versions) and it runs inside
-the trial's own ``tools/train.py`` process, which reaches the study through its storage URL: the search
+the trial's own ``vitmha fit`` process, which reaches the study through its storage URL: the search
 process only waits. Only global rank 0 talks to the storage; the decision is broadcast, so all DDP ranks
 stop at the same epoch. A pruned fit ends normally (``trainer.should_stop``), with its checkpoints and
 metrics.csv, and leaves the user attribute ``pruned_epoch`` on the trial for the search process to read.

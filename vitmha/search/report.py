@@ -94,13 +94,13 @@ def write_best_configs(study: Any, output: str, metrics: Sequence[str],
             note = ("the best trial" if len(metrics) == 1 else
                     f"of the {len(trials)} Pareto-optimal trials, the best by {metrics[0]} (all in pareto/)")
             note += budget_note
-            _write_config(path, config, root, _header(t, metrics, f"python tools/train.py --config {path}", note))
+            _write_config(path, config, root, _header(t, metrics, f"vitmha fit --config {path}", note))
             written.append(path)
         if len(metrics) > 1:
             path = os.path.join(output, "pareto", f"trial_{t.number:04d}.yaml")
             root = os.path.join(output, "pareto", f"trial_{t.number:04d}")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            _write_config(path, config, root, _header(t, metrics, f"python tools/train.py --config {path}",
+            _write_config(path, config, root, _header(t, metrics, f"vitmha fit --config {path}",
                                                       "a Pareto-optimal trial" + budget_note))
             written.append(path)
     return written

@@ -41,7 +41,7 @@ _KWARGS = "model.init_args.backbone_kwargs"
 
 @dataclass
 class StudyOptions:
-    """What ``tools/tune.py`` was asked (see its ``--help``)."""
+    """What ``vitmha tune`` was asked (see its ``--help``)."""
 
     config_args: List[str]                   # ["--config", "X.yaml", "--section.key", "value", ...]
     space: SearchSpace
@@ -77,7 +77,7 @@ def parse_directions(items: Sequence[str]) -> List[Tuple[str, str]]:
 
 # ------------------------------------------------------------------------------------------ the config
 def load_config(config_args: Sequence[str]) -> Tuple[Any, Dict[str, Any]]:
-    """(parser, complete config as a plain dict) for ``tools/train.py``'s arguments, parsed by the vitmha CLI
+    """(parser, complete config as a plain dict) for ``vitmha fit``'s arguments, parsed by the vitmha CLI
     itself (same YAML, same overrides, same errors) without building anything."""
     import warnings
 
@@ -560,5 +560,5 @@ def _summary(study: Any, metrics: List[str], output: str, files: Dict[str, str],
     for k, v in files.items():
         lines.append(f"  {k}: {v}")
     if "best" in files:
-        lines.append(f"  next: python tools/train.py --config {files['best']}")
+        lines.append(f"  next: vitmha fit --config {files['best']}")
     return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""The ``vitmha`` subcommands other than fit/validate/test, one module each with ``main(argv)``."""
