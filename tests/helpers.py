@@ -79,19 +79,29 @@ VITMHA = Path(sys.executable).with_name("vitmha")  # the installed command of th
 
 
 def load_tool(name: str):
-    """The module of ``vitmha <name>`` (``vitmha.commands.<name>``; its ``main(argv)`` runs in this process)."""
-    import importlib
+    """The module of ``vitmha <name>`` (``vitmha.commands.<name>``; its ``main(argv)`` runs in this process);
+    ``train`` is tools/train.py."""
+    import importlib.util
 
+    if name == "train":
+        spec = importlib.util.spec_from_file_location("tool_train", REPO / "tools" / "train.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
     return importlib.import_module(f"vitmha.commands.{COMMAND_MODULES.get(name, name)}")
 
 
 def run_tool(name: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """The installed ``vitmha <name> args...`` in a subprocess, from the repository root."""
+    """The installed ``vitmha <name> args...`` in a subprocess, from the repository root (``train``:
+    ``python tools/train.py``)."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("VITMHA_TRACEBACK", None)
-    cmd = {"seed_hf_cache": "seed-cache"}.get(name, name)
-    return subprocess.run([str(VITMHA), cmd, *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    if name == "train":  # tools/train.py as a user runs it
+        cmd = [sys.executable, str(REPO / "tools" / "train.py")]
+    else:
+        cmd = [str(VITMHA), {"seed_hf_cache": "seed-cache"}.get(name, name)]
+    return subprocess.run([*cmd, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def assert_real_png(path: Path, size=None) -> np.ndarray:

@@ -127,7 +127,9 @@ class PoisonWeights(Callback):
 
     def on_train_epoch_start(self, trainer, pl_module):
         if trainer.current_epoch == self.epoch:
-            last = trainer.checkpoint_callback.last_model_path
+            from vitmha.callbacks import LastCheckpoint
+
+            last = next(c for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)).best_model_path
             SNAPSHOTS[last] = sha256(last)
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")

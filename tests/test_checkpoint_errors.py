@@ -102,7 +102,7 @@ def shapes_args(ckpts, root: Path) -> list:
 # ---------------------------------------------------------------------------------------- --ckpt_path
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
 @pytest.mark.parametrize("case", list(BAD))
 def test_a_bad_ckpt_path_is_one_error_line_before_anything_runs(case, subcommand, bad, tmp_path, capsys):
     line = cli_error(capsys, [subcommand, *classifier_args(tmp_path), "--ckpt_path", str(bad[case])], bad[case])

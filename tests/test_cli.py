@@ -83,11 +83,12 @@ def test_validate_and_test_from_checkpoint_log_their_metrics(fitted, tmp_path):
 def test_predict_writes_topk_csv(fitted, tmp_path):
     last = run_dirs(fitted)[0] / "checkpoints" / "last.ckpt"
     out = tmp_path / "preds"
-    cli_main(["predict", *classifier_args(tmp_path), "--ckpt_path", str(last), "--output_dir", str(out),
-              "--top_k", "3"])
+    digits = sorted(str(p) for p in (REPO / "data" / "samples").glob("digit_*.png"))
+    cli_main(["predict", "--checkpoint", str(last), "--input", *digits, "--output", str(out), "--topk", "3",
+              "--no-progress"])
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 32  # one batch
+    assert [r["path"] for r in rows] == digits
     assert list(rows[0]) == ["path", "label1", "prob1", "label2", "prob2", "label3", "prob3"]
     assert rows[0]["label1"] in [str(d) for d in range(10)]
     probs = [float(rows[0][f"prob{i}"]) for i in (1, 2, 3)]
@@ -118,12 +119,14 @@ def test_segmentation_fit_monitors_miou_and_predict_writes_masks_and_overlays(tm
     assert [p.name for p in (run / "checkpoints").glob("epoch*")][0].startswith("epoch000-val_miou")
 
     out = tmp_path / "masks"
-    cli_main(["predict", *args, "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--output_dir", str(out)])
+    shapes = sorted(str(p) for p in (REPO / "data" / "samples").glob("shapes_?.png"))
+    cli_main(["predict", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--input", *shapes, "--output",
+              str(out), "--no-progress"])
     masks = sorted(out.glob("*_mask.png"))
     overlays = sorted(out.glob("*_overlay.png"))
-    assert len(masks) == len(overlays) == 4
+    assert len(masks) == len(overlays) == len(shapes) == 2
     mask = Image.open(masks[0])
-    assert mask.mode == "L" and mask.size == (16, 16) and max(mask.getdata()) < 4
+    assert mask.mode == "L" and mask.size == Image.open(shapes[0]).size and max(mask.getdata()) < 4
     assert Image.open(overlays[0]).mode == "RGB"
 
 
@@ -264,7 +267,7 @@ def test_every_config_parses_and_starts_with_its_command(config, capsys):
 
 
 def test_the_best_checkpoint_follows_the_tasks_validation_metric():
-    from vitmha.cli import _checkpoint_filename, default_monitor
+    from vitmha.callbacks import _checkpoint_filename, task_monitor as default_monitor
     from vitmha.tasks import ImageClassifier, SemanticSegmenter
 
     assert default_monitor(ImageClassifier.__new__(ImageClassifier)) == ("val/acc", "max")
@@ -280,7 +283,7 @@ def test_the_best_checkpoint_follows_the_tasks_validation_metric():
 def test_rich_progress_bar_only_on_a_terminal(monkeypatch):
     from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-    from vitmha.cli import _progress_bar
+    from vitmha.trainer import _progress_bar
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     assert isinstance(_progress_bar(), RichProgressBar)

@@ -212,8 +212,6 @@ def _fake_trainer(steps: int = 10):
 
 @pytest.mark.parametrize("name,cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
 def test_task_builds_the_named_optimizer_over_the_same_groups(name, cls):
-    from vitmha.tasks.optim import Lamb  # noqa: F401 - the third choice, tested against a hand step below
-
     task = _tiny_task(optimizer=name, momentum=0.8, nesterov=(name == "sgd"), weight_decay=0.05)
     task._trainer = _fake_trainer()
     opt = task.configure_optimizers()["optimizer"]
@@ -265,10 +263,20 @@ def test_sgd_step_equals_torch_sgd_with_l2_decay():
     torch.testing.assert_close(w, ref, rtol=0, atol=0)
 
 
+def test_lamb_is_timms_without_a_clip_of_its_own():
+    from timm.optim import Lamb
+
+    from vitmha.tasks.optim import make_optimizer
+
+    opt = make_optimizer("lamb", [{"params": [torch.zeros(2, requires_grad=True)], "weight_decay": 0.0}], lr=1e-3,
+                         betas=(0.9, 0.95))
+    assert type(opt) is Lamb and opt.defaults["max_grad_norm"] is None and opt.defaults["betas"] == (0.9, 0.95)
+
+
 def test_lamb_first_step_matches_a_hand_computed_one():
     """One LAMB step on a 2x2 weight, by hand: m̂ = g, v̂ = g² after bias correction, so u = g / (|g| + eps)
     + wd * w elementwise; the step is lr * (‖w‖ / ‖u‖) * u."""
-    from vitmha.tasks.optim import Lamb
+    from vitmha.tasks.optim import make_optimizer
 
     w0 = [[1.0, 2.0], [3.0, 4.0]]
     g = [[0.1, -0.2], [0.3, 0.4]]
@@ -279,31 +287,28 @@ def test_lamb_first_step_matches_a_hand_computed_one():
     expected = [[w0[i][j] - lr * (w_norm / u_norm) * u[i][j] for j in range(2)] for i in range(2)]
 
     w = torch.tensor(w0, dtype=torch.float64, requires_grad=True)
-    opt = Lamb([w], lr=lr, weight_decay=wd, eps=eps)
+    opt = make_optimizer("lamb", [{"params": [w], "weight_decay": wd}], lr=lr)
+    assert opt.defaults["eps"] == eps
     w.grad = torch.tensor(g, dtype=torch.float64)
     opt.step()
     torch.testing.assert_close(w.detach(), torch.tensor(expected, dtype=torch.float64), rtol=1e-7, atol=1e-7)
 
 
-def test_lamb_without_weight_decay_steps_like_adam_unless_always_adapt():
+def test_lamb_without_weight_decay_steps_like_adam():
     """Groups without weight decay (norms, biases) get plain Adam steps, as in NVIDIA's and timm's LAMB."""
-    from vitmha.tasks.optim import Lamb
+    from vitmha.tasks.optim import make_optimizer
 
     torch.manual_seed(0)
     w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     ref = w.detach().clone().requires_grad_(True)
-    adapted = w.detach().clone().requires_grad_(True)
-    opt = Lamb([w], lr=1e-2, eps=1e-6)
+    opt = make_optimizer("lamb", [{"params": [w], "weight_decay": 0.0}], lr=1e-2)
     ref_opt = torch.optim.Adam([ref], lr=1e-2, eps=1e-6)
-    adapt_opt = Lamb([adapted], lr=1e-2, eps=1e-6, always_adapt=True)
     for _ in range(4):
         g = torch.randn(5, 3, dtype=torch.float64)
-        w.grad, ref.grad, adapted.grad = g.clone(), g.clone(), g.clone()
+        w.grad, ref.grad = g.clone(), g.clone()
         opt.step()
         ref_opt.step()
-        adapt_opt.step()
     torch.testing.assert_close(w, ref, rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(adapted, ref)
 
 
 def test_unknown_optimizer_and_nesterov_without_momentum_are_clear_errors():

@@ -95,7 +95,8 @@ def test_load_from_checkpoint_gives_the_same_logits(fitted, tmp_path):
         assert torch.equal(model(x), loaded(x))
         assert torch.equal(model.model(x), loaded.model(x))
     assert loaded.hparams.ema_decay == 0.9
-    assert int(loaded.ema.num_updates) == int(model.ema.num_updates) == 8
+    for (name, a), b in zip(model.ema.state_dict().items(), loaded.ema.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_checkpoint_with_ema_loads_as_pretrained_with_the_ema_weights(fitted, tmp_path):
@@ -185,37 +186,6 @@ def test_freeze_blocks_keeps_the_embeddings_and_first_blocks_unchanged(tmp_path)
     assert changed == {"blocks.1", "norm", "head"}
 
 
-def test_linear_patch_drop_schedule_lowers_the_rate_to_zero_over_the_steps(tmp_path):
-    """16 patches at rate 0.5: the blocks see 1 + 8 tokens at the first step and every token at the last."""
-    L.seed_everything(0)
-    model = ImageClassifier(num_classes=C, warmup_epochs=0.5, patch_drop_schedule="linear",
-                            backbone_kwargs=dict(TINY, img_size=32, patch_drop_rate=0.5))
-    seen, rates = [], []
-    model.model.blocks[0].register_forward_hook(
-        lambda m, i, o: seen.append(o.shape[1]) if m.training else None)
-    model.model.blocks[0].register_forward_pre_hook(
-        lambda m, i: rates.append(model.model.patch_drop.prob) if m.training else None)
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(20, 3, 32, 32, generator=g), torch.randint(0, C, (20,), generator=g))
-    trainer(tmp_path, epochs=2, logger=False, enable_checkpointing=False).fit(model, DataLoader(data, batch_size=4))
-    total = 10                                                       # 2 epochs x 5 batches
-    assert rates == pytest.approx([0.5 * (1 - k / total) for k in range(total)])
-    assert seen == [1 + max(1, int(16 * (1 - r))) for r in rates]
-    assert seen[0] == 9 and seen[-1] == 1 + int(16 * 0.95)
-    with torch.no_grad():                                            # evaluation sees every token
-        model.eval()
-        model.model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
-        model(torch.randn(2, 3, 32, 32))
-    assert seen[-1] == 17
-
-
-def test_patch_drop_schedule_needs_patch_dropout_and_a_known_name():
-    with pytest.raises(ValueError, match="patch_drop_schedule: linear needs patch dropout"):
-        tiny_model(patch_drop_schedule="linear")
-    with pytest.raises(ValueError, match="patch_drop_schedule: expected one of constant, linear"):
-        tiny_model(patch_drop_schedule="cosine")
-
-
 def test_freeze_blocks_deeper_than_the_backbone_is_an_error():
     with pytest.raises(ValueError, match="freeze_blocks=3, but the backbone has 2 blocks"):
         tiny_model(freeze_blocks=3)
@@ -272,16 +242,16 @@ def test_bad_arguments_are_clear_errors():
         tiny_model(scheduler="step")
     with pytest.raises(ValueError, match="nonfinite"):
         tiny_model(nonfinite="ignore")
-    with pytest.raises(ValueError, match="unfreeze_at_epoch needs freeze_backbone"):
+    with pytest.raises(ValueError, match="unfreeze_at_epoch: needs freeze_backbone"):
         tiny_model(unfreeze_at_epoch=2)
 
 
 def test_default_lr_depends_on_pretraining():
     assert tiny_model().learning_rate == 1e-3
     assert tiny_model(lr=2e-4).learning_rate == 2e-4
-    assert default_lr(pretrained="w.safetensors", freeze_backbone=False) == 1e-4
-    assert default_lr(pretrained=True, freeze_backbone=True) == 1e-3
-    assert default_lr(pretrained=False, freeze_backbone=False) == 1e-3
+    assert default_lr(pretrained="w.safetensors", trains_few=False) == 1e-4
+    assert default_lr(pretrained=True, trains_few=True) == 1e-3
+    assert default_lr(pretrained=False, trains_few=False) == 1e-3
 
 
 def test_tta_hflip_averages_the_softmax_of_the_image_and_its_mirror(tmp_path):

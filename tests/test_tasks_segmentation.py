@@ -111,9 +111,9 @@ def test_inputs_not_divisible_by_the_patch_size_are_padded():
 
 
 def test_bad_arguments_are_clear_errors():
-    with pytest.raises(ValueError, match="head must be one of"):
+    with pytest.raises(ValueError, match="head: expected one of"):
         tiny_model(head="fcn")
-    with pytest.raises(ValueError, match="class_names has 2 names"):
+    with pytest.raises(ValueError, match="class_names: 2 names"):
         tiny_model(class_names=["a", "b"])
-    with pytest.raises(ValueError, match="ignore_index 1 is a class index"):
+    with pytest.raises(ValueError, match="ignore_index: 1 is a class index"):
         tiny_model(ignore_index=1)

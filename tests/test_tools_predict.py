@@ -137,9 +137,17 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path, 
     assert f"--ckpt_path {last}" in summary_lines
     files = sorted(str(p) for p in (root / "test").rglob("*.png"))
 
-    cli_main(["predict", *common, "--ckpt_path", str(last), "--output_dir", str(tmp_path / "cli"),
-              "--data.init_args.predict_paths", json.dumps(files)])
+    # three ways users predict: the command, Trainer.predict on a data module, and vitmha.load in Python
     predict.main(["--checkpoint", last, "--input", *files, "--output", tmp_path / "tool", "--no-progress"])
+    import vitmha
+    from vitmha.data import ImageFolderDataModule
+    from vitmha.predictions import PredictionWriter
+
+    loaded = vitmha.load(last)
+    dm = ImageFolderDataModule(root=str(root), image_size=16, batch_size=4, mean=MEAN, std=STD, predict_paths=files)
+    vitmha.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=[PredictionWriter(str(tmp_path / "cli"))]).predict(loaded.task, datamodule=dm)
+    in_python = {f: p for f, p in zip(files, loaded.predict(files))}
 
     def probs(path):
         return {r["path"]: {r[f"label{i}"]: float(r[f"prob{i}"]) for i in (1, 2, 3)}
@@ -149,8 +157,10 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path, 
     assert set(a) == set(b) == set(files)
     for f in files:
         assert a[f].keys() == b[f].keys()
+        assert in_python[f]["label"] == max(b[f], key=b[f].get)
         for k in a[f]:
             assert abs(a[f][k] - b[f][k]) <= 2e-6, (f, k)
+            assert abs(float(in_python[f]["probs"][CLF_CLASSES.index(k)]) - b[f][k]) <= 2e-6, (f, k)
 
     cli_main(["test", *common, "--ckpt_path", str(last)])
     test_dir = next(run.glob("lightning_logs/version_*/report_test")).parent
@@ -162,18 +172,17 @@ def test_predict_tool_cli_predict_and_cli_test_agree_with_tta_and_ema(tmp_path, 
     assert "report: " + str(test_dir / "report_test") in capsys.readouterr().out
 
 
-def test_cli_mask_writer_keeps_files_that_share_a_stem_apart(tmp_path):
-    """`vitmha predict`'s writer and tools/predict.py share one mask/overlay writer and one naming rule."""
-    from vitmha.callbacks import SegmentationPredictionWriter
+def test_the_mask_writer_keeps_files_that_share_a_stem_apart(tmp_path):
+    """One mask/overlay writer and one naming rule for `vitmha predict`, vitmha.load and Trainer.predict."""
+    from vitmha.predictions import MaskFiles
 
     for d in ("a", "b"):
         (tmp_path / d).mkdir()
         Image.fromarray(np.full((6, 8, 3), 90, np.uint8)).save(tmp_path / d / "x.png")
-    writer = SegmentationPredictionWriter(str(tmp_path / "out"))
-    writer.on_predict_start(None, None)
-    masks = [torch.ones(6, 8, dtype=torch.long), torch.full((6, 8), 2, dtype=torch.long)]
-    batch = {"path": [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")], "orig_size": torch.tensor([[6, 8]] * 2)}
-    writer.write_on_batch_end(None, None, {"mask": masks}, None, batch, 0, 0)
+    writer = MaskFiles(str(tmp_path / "out"))
+    masks = [np.ones((6, 8), np.int64), np.full((6, 8), 2, np.int64)]
+    writer.write([str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")], [{"mask": m} for m in masks],
+                 [np.full((6, 8, 3), 90, np.uint8)] * 2)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["b_x_mask.png", "b_x_overlay.png", "x_mask.png", "x_overlay.png"]
     assert np.asarray(Image.open(tmp_path / "out" / "b_x_mask.png")).max() == 2

@@ -1,14 +1,19 @@
-"""Callbacks and plugins the vitmha CLI installs by default.
+"""The callbacks and plugins :class:`vitmha.Trainer` installs by default (each usable on its own with a plain
+``L.Trainer`` too). Only Lightning's public hooks and attributes are used.
 
 - :class:`AtomicCheckpointIO` writes every checkpoint to a temporary file next to its target, fsyncs it
   and renames it into place, so ``last.ckpt`` is always a complete file even if the process is killed
   mid-save; a write that fails (a full disk) stops the run with :class:`CheckpointWriteError`.
-- :class:`VitmhaModelCheckpoint` refuses to write weights that contain NaN/Inf, so a diverged run never
+- :class:`BestCheckpoint` keeps the best checkpoint by the task's own validation metric (``task.monitor``);
+  :class:`LastCheckpoint` rewrites ``last.ckpt`` at every training-epoch end.
+- :class:`FiniteWeights` refuses to write a checkpoint whose weights contain NaN/Inf, so a diverged run never
   replaces the last good checkpoint.
-- :class:`ClassificationPredictionWriter` and :class:`SegmentationPredictionWriter` write what
-  ``vitmha predict`` produces: ``predictions.csv``, index-mask PNGs and colour overlays.
 - :func:`run_loggers` gives the CSV and TensorBoard loggers of a run one ``version_N`` folder, claimed
   atomically, so runs started together under the same root never share one.
+- :class:`RunSummary` prints one short summary after fit/validate/test (metric, time, files, next command).
+- :class:`CpuThreads` picks torch's intra-op threads from the CPUs this process may use, the ones other
+  processes keep busy and the loader workers, so a neighbour or the workers do not oversubscribe the CPU.
+- :class:`LogInterval` logs the training loss at least once per epoch when epochs are short.
 """
 from __future__ import annotations
 
@@ -16,33 +21,30 @@ import csv
 import glob
 import io
 import os
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-from vitmha.visualize import segmentation_palette
 
 __all__ = [
     "AtomicCheckpointIO",
     "CheckpointWriteError",
+    "NonFiniteWeightsError",
+    "FiniteWeights",
+    "BestCheckpoint",
+    "LastCheckpoint",
     "RunVersion",
     "run_loggers",
-    "NonFiniteWeightsError",
-    "VitmhaModelCheckpoint",
-    "ClassificationPredictionWriter",
-    "SegmentationPredictionWriter",
-    "PredictionsCsv",
-    "StemNamer",
-    "save_mask_and_overlay",
-    "segmentation_palette",
+    "RunSummary",
+    "CpuThreads",
+    "LogInterval",
+    "task_monitor",
 ]
 
 
@@ -113,6 +115,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_dir(dirpath)
         self._remove_stale_tmp(path)
 
+    def load_checkpoint(self, path: Any, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        """Read ``path`` with ``weights_only=True`` (nothing in the file runs) through
+        :func:`vitmha.checkpoints.read_checkpoint`, so the file the CLI already checked is not read twice;
+        remote paths go to Lightning's reader."""
+        path = os.fspath(path)
+        if "://" in path:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        from vitmha.checkpoints import read_checkpoint
+
+        return read_checkpoint(path)
+
     def _write(self, f: io.BufferedWriter, data: memoryview) -> None:
         """Write the serialised checkpoint; a hook tests override to stop half-way."""
         f.write(data)
@@ -129,55 +142,64 @@ class NonFiniteWeightsError(FloatingPointError):
     """Raised instead of writing a checkpoint whose weights contain NaN or Inf."""
 
 
-class VitmhaModelCheckpoint(ModelCheckpoint):
-    """A :class:`~lightning.pytorch.callbacks.ModelCheckpoint` that never writes non-finite weights.
+class FiniteWeights(Callback):
+    """Stops the run with :class:`NonFiniteWeightsError` instead of writing a checkpoint whose weights contain
+    NaN/Inf: every checkpoint already on disk (``last.ckpt`` included) is left as it was. The check runs in
+    ``on_save_checkpoint``, before anything is written, and is agreed across ranks."""
 
-    If any parameter is NaN/Inf when a checkpoint is due, the run stops with
-    :class:`NonFiniteWeightsError` and every checkpoint already on disk (``last.ckpt`` included) is left
-    as it was. The check is agreed across ranks, so sharded strategies stop together.
-
-    With ``save_last=True`` it writes ``last.ckpt`` at every checkpointing point, also when the monitored
-    metric did not improve (Lightning 2.6 only refreshes ``last.ckpt`` together with a top-k save, which
-    would leave a resumable run at its best epoch instead of its latest).
-    """
-
-    _last_step_of_last: Optional[int] = None
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self._ensure_last(trainer, at_train_epoch_end=True)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_validation_end(trainer, pl_module)
-        self._ensure_last(trainer, at_train_epoch_end=False)
-
-    def _ensure_last(self, trainer: Any, at_train_epoch_end: bool) -> None:
-        if (
-            self.save_last is not True
-            or self._should_skip_saving_checkpoint(trainer)  # also: something was saved at this step already
-            or self._should_save_on_train_epoch_end(trainer) != at_train_epoch_end
-            or self._every_n_epochs < 1
-            or (trainer.current_epoch + 1) % self._every_n_epochs
-            or self._last_step_of_last == trainer.global_step
-        ):
-            return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _save_last_checkpoint(self, trainer: Any, monitor_candidates: dict) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_step_of_last = trainer.global_step
-
-    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
-        module = trainer.lightning_module
-        finite = all(bool(torch.isfinite(p).all()) for p in module.parameters() if p.numel())
-        finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters() if p.numel())
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteWeightsError(
                 f"model weights contain NaN/Inf at epoch {trainer.current_epoch}, step {trainer.global_step}; "
-                f"not writing {filepath}, the checkpoints already saved are kept "
-                "(lower the learning rate, enable gradient clipping, or use a more stable precision)"
-            )
-        super()._save_checkpoint(trainer, filepath)
+                "no checkpoint written, the checkpoints already saved are kept "
+                "(lower the learning rate, enable gradient clipping, or use a more stable precision)")
+
+
+def task_monitor(model: Any) -> tuple[str, str]:
+    """The validation metric (and its mode) that picks a task's best checkpoint: the model's ``monitor``
+    (and ``monitor_mode``; default "min" for a loss, else "max"), or ``val/loss`` minimised for a
+    LightningModule that declares none."""
+    monitor = getattr(model, "monitor", None) or "val/loss"
+    mode = getattr(model, "monitor_mode", None) or ("min" if "loss" in monitor else "max")
+    return monitor, mode
+
+
+def _checkpoint_filename(monitor: str) -> str:
+    # metric names hold "/", which would make sub-folders: keep "/" out of the literal text
+    return "epoch{epoch:03d}-" + monitor.replace("/", "_") + "{" + monitor + ":.4f}"
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best checkpoint by the task's validation metric: ``monitor`` and ``mode`` come from the task
+    (``task.monitor``, ``task.monitor_mode``) when the run is set up, unless given here. File names are flat:
+    ``epoch003-val_acc0.9876.ckpt``."""
+
+    def __init__(self, monitor: Optional[str] = None, mode: Optional[str] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("save_top_k", 1)
+        kwargs.setdefault("auto_insert_metric_name", False)
+        super().__init__(monitor=monitor, mode=mode or "min", **kwargs)
+        self._fixed_mode = mode
+        if monitor is not None and "filename" not in kwargs:
+            self.filename = _checkpoint_filename(monitor)
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.monitor is None:
+            monitor, mode = task_monitor(pl_module)
+            mode = self._fixed_mode or mode
+            self.monitor, self.mode = monitor, mode
+            self.kth_value = torch.tensor(float("inf") if mode == "min" else float("-inf"))
+            self.filename = self.filename or _checkpoint_filename(monitor)
+        super().setup(trainer, pl_module, stage)
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``, rewritten at the end of every training epoch (also when the monitored metric did not
+    improve), so a stopped run resumes from its latest epoch with ``--ckpt_path last``."""
+
+    def __init__(self, dirpath: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         save_on_train_epoch_end=True, enable_version_counter=False, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,19 +209,26 @@ class VitmhaModelCheckpoint(ModelCheckpoint):
 class RunVersion:
     """The ``version_N`` of one run under ``versions_root``, picked once and shared by the run's loggers.
 
-    Lightning's loggers each pick ``max(existing) + 1`` when first asked and create the folder later, so two
+    Loggers on their own each pick ``max(existing) + 1`` when first asked and create the folder later, so two
     runs started together under the same root can pick the same N and write into one folder. Here global
     rank 0 claims the folder with ``os.mkdir``, which exactly one process can do, and takes the next number
-    when another run got there first. Other ranks keep Lightning's guess: the trainer broadcasts rank 0's
-    folder wherever one is used (log_dir, checkpoints), and only rank 0 writes logs.
+    when another run got there first. Other ranks only guess: the trainer broadcasts rank 0's folder wherever
+    one is used (log_dir, checkpoints), and only rank 0 writes logs.
     """
 
     def __init__(self, versions_root: str) -> None:
         self.versions_root = versions_root
         self.version: Optional[int] = None
 
-    def __call__(self, guess: Callable[[], int]) -> int:
+    def next_free(self) -> int:
+        """One more than the highest ``version_N`` under the root (0 when there is none)."""
+        found = glob.glob(os.path.join(glob.escape(self.versions_root), "version_*"))
+        numbers = [int(n) for n in (os.path.basename(f)[len("version_"):] for f in found) if n.isdigit()]
+        return max(numbers) + 1 if numbers else 0
+
+    def __call__(self, guess: Optional[Callable[[], int]] = None) -> int:
         if self.version is None:
+            guess = guess or self.next_free
             claim = getattr(rank_zero_only, "rank", 0) == 0 and "://" not in self.versions_root
             self.version = self._claim(guess()) if claim else guess()
         return self.version
@@ -215,255 +244,253 @@ class RunVersion:
 
 
 class _SharedVersion:
-    """Logger mixin: the version is the run's :class:`RunVersion`, not the logger's own guess."""
+    """Logger mixin: the (public) ``version`` is the run's :class:`RunVersion`, claimed when first asked."""
 
     def __init__(self, *args: Any, run_version: RunVersion, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._run_version = run_version
+        self.run_version = run_version
 
-    def _get_next_version(self) -> int:  # what Lightning's CSV and TensorBoard loggers call, once, for a version
-        return self._run_version(super()._get_next_version)
-
-
-class _CSVLogger(_SharedVersion, CSVLogger):
-    pass
+    @property
+    def version(self) -> int:
+        return self.run_version()
 
 
-class _TensorBoardLogger(_SharedVersion, TensorBoardLogger):
-    pass
+class RunCSVLogger(_SharedVersion, CSVLogger):
+    """Lightning's CSVLogger in the run's claimed ``version_N``."""
+
+
+class RunTensorBoardLogger(_SharedVersion, TensorBoardLogger):
+    """Lightning's TensorBoardLogger in the run's claimed ``version_N`` (events under ``tb/``)."""
 
 
 def run_loggers(save_dir: str, name: str = "lightning_logs") -> list:
     """A CSV logger (first, so ``trainer.log_dir`` and the checkpoints are ``version_N`` itself) and a
     TensorBoard logger (events in ``version_N/tb``), sharing one atomically claimed ``version_N``."""
     version = RunVersion(os.path.join(save_dir, name))
-    return [_CSVLogger(save_dir=save_dir, name=name, run_version=version),
-            _TensorBoardLogger(save_dir=save_dir, name=name, sub_dir="tb", run_version=version)]
+    return [RunCSVLogger(save_dir=save_dir, name=name, run_version=version),
+            RunTensorBoardLogger(save_dir=save_dir, name=name, sub_dir="tb", run_version=version)]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# prediction writers
+# what a run prints
 
 
-def _as_tensor(prediction: Any, keys: Sequence[str]) -> tuple[str, torch.Tensor]:
-    """Pick the first of ``keys`` from a dict prediction (or take a bare tensor as ``keys[0]``)."""
-    if isinstance(prediction, torch.Tensor):
-        return keys[0], prediction
-    if isinstance(prediction, dict):
-        for key in keys:
-            if key in prediction:
-                return key, prediction[key]
-    if isinstance(prediction, (tuple, list)) and prediction and isinstance(prediction[0], torch.Tensor):
-        return keys[0], prediction[0]
-    raise TypeError(f"predict_step returned {type(prediction).__name__}; expected a tensor or a dict with {keys}")
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
-def _per_item(prediction: Any, keys: Sequence[str]) -> list[torch.Tensor]:
-    """Per-image tensors from a (B, ...) tensor, a list of tensors, or a dict holding either under ``keys``."""
-    if isinstance(prediction, dict):
-        found = next((prediction[k] for k in keys if prediction.get(k) is not None), None)
-        if found is None:
-            raise TypeError(f"predict_step returned a dict with keys {sorted(prediction)}; expected one of {keys}")
-        prediction = found
-    if isinstance(prediction, torch.Tensor):
-        return list(prediction.unbind(0))
-    if isinstance(prediction, (list, tuple)) and all(isinstance(p, torch.Tensor) for p in prediction):
-        return list(prediction)
-    raise TypeError(f"predict_step returned {type(prediction).__name__}; expected tensors or a dict with {keys}")
+def _metric_history(log_dir: Optional[str], name: str) -> list:
+    """[(epoch, value)] of ``name`` from the run's metrics.csv (empty when there is none)."""
+    path = os.path.join(log_dir, "metrics.csv") if log_dir else ""
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r.get(name)]
 
 
-def _batch_paths(batch: Any, batch_idx: int, n: int) -> list[str]:
-    paths = batch.get("path") if isinstance(batch, dict) else None
-    if paths is None:
-        return [f"batch{batch_idx:05d}_{i:03d}" for i in range(n)]
-    return [str(p) for p in paths]
+def has_test_split(datamodule: Any) -> bool:
+    """Whether ``datamodule`` has test data: its ``has_test_split`` when it says, else whether it defines
+    ``test_dataloader`` (and, for a folder module, whether its root has a ``test/`` folder)."""
+    says = getattr(datamodule, "has_test_split", None)
+    if isinstance(says, bool):
+        return says
+    if datamodule is None or "test_dataloader" not in {n for c in type(datamodule).__mro__[:-1]
+                                                        for n in vars(c) if c.__module__.split(".")[0] != "lightning"}:
+        return False
+    root = getattr(datamodule, "root", None)
+    return not isinstance(root, str) or os.path.isdir(os.path.join(os.path.expanduser(root), "test"))
 
 
-def _batch_sizes(batch: Any, n: int) -> list[Optional[tuple[int, int]]]:
-    """``orig_size`` as a list of (H, W): a (B, 2) tensor, default_collate's ``[H(B,), W(B,)]``, or B pairs."""
-    sizes = batch.get("orig_size") if isinstance(batch, dict) else None
-    if sizes is None:
-        return [None] * n
-    if isinstance(sizes, torch.Tensor):
-        return [(int(h), int(w)) for h, w in sizes.reshape(n, 2).tolist()]
-    if len(sizes) == 2 and all(isinstance(s, torch.Tensor) and s.ndim == 1 and s.numel() == n for s in sizes):
-        return [(int(h), int(w)) for h, w in zip(sizes[0].tolist(), sizes[1].tolist())]
-    return [(int(s[0]), int(s[1])) for s in sizes]
-
-
-def _class_names(trainer: Any, pl_module: Any, explicit: Optional[Sequence[str]]) -> Optional[list[str]]:
-    if explicit:
-        return list(explicit)
-    for owner in (getattr(trainer, "datamodule", None), pl_module):
-        for attr in ("classes", "class_names"):
-            names = getattr(owner, attr, None)
-            if names:
-                return [str(n) for n in names]
-    hparams = getattr(pl_module, "hparams", {}) or {}
-    names = hparams.get("class_names") or hparams.get("classes")
-    return [str(n) for n in names] if names else None
-
-
-def _rank_suffix(trainer: Any) -> str:
-    return f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-
-
-class PredictionsCsv:
-    """``predictions.csv``: one row per image, ``path, label1, prob1, ..., labelK, probK``; written to a
-    temporary file and renamed into place by ``close``. The one writer behind ``vitmha predict`` and
-    tools/predict.py."""
-
-    def __init__(self, path: str, top_k: int, names: Optional[Sequence[str]] = None) -> None:
-        self.path, self.top_k, self.names = path, top_k, list(names) if names else None
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
-        self._file = open(self._tmp, "w", newline="")
-        self._writer = csv.writer(self._file)
-        self._header = False
-
-    def write(self, paths: Sequence[str], probs: torch.Tensor) -> None:
-        """Rows for ``paths`` from their (B, C) probabilities."""
-        probs = probs.detach().float().cpu()
-        k = min(self.top_k, probs.shape[-1])
-        if not self._header:
-            self._writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("label", "prob")])
-            self._header = True
-        top_p, top_i = probs.topk(k, dim=-1)
-        for path, ps, idx in zip(paths, top_p.tolist(), top_i.tolist()):
-            row: list[Any] = [path]
-            for p, i in zip(ps, idx):
-                row += [self.names[i] if self.names and i < len(self.names) else str(i), f"{p:.6f}"]
-            self._writer.writerow(row)
-        self._file.flush()
-
-    def close(self) -> str:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            os.replace(self._tmp, self.path)
-        return self.path
-
-
-class StemNamer:
-    """Output names for input images: the file's stem, or ``<parent folder>_<stem>`` (then a counter) when
-    an earlier image took it, so two inputs never write the same file."""
+class RunSummary(Callback):
+    """One short summary instead of Lightning's last line: after ``fit`` the monitored metric (best and
+    last), the time, the checkpoints and files, and the command to evaluate the result; after ``validate``
+    and ``test`` their metrics and the report folder. Printed by global rank 0."""
 
     def __init__(self) -> None:
-        self.used: set[str] = set()
+        self._t0 = time.time()
 
-    def __call__(self, path: str) -> str:
-        p = Path(path)
-        candidates = [p.stem, f"{p.parent.name}_{p.stem}"]
-        n = 1
-        while all(c in self.used for c in candidates):
-            candidates.append(f"{p.parent.name}_{p.stem}_{n}")
-            n += 1
-        stem = next(c for c in candidates if c not in self.used)
-        self.used.add(stem)
-        return stem
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._t0 = time.time()
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        monitor, mode = task_monitor(pl_module)
+        lines = [f"fit done in {_duration(time.time() - self._t0)}, {trainer.current_epoch} epoch(s)"]
+        history = _metric_history(log_dir, monitor)
+        if history:
+            best = (max if mode == "max" else min)(history, key=lambda h: h[1])
+            lines.append(f"  {monitor}: best {best[1]:.4f} (epoch {best[0]}), last {history[-1][1]:.4f} "
+                         f"(epoch {history[-1][0]})")
+        best_ckpt = next((c for c in trainer.checkpoint_callbacks if isinstance(c, BestCheckpoint)), None)
+        if best_ckpt is not None and best_ckpt.best_model_path:
+            lines.append(f"  best checkpoint: {best_ckpt.best_model_path}")
+        last = next((c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, LastCheckpoint)
+                     and c.best_model_path and os.path.isfile(c.best_model_path)), None)
+        if last:
+            lines.append(f"  last checkpoint: {last}")
+        for name in ("metrics.csv", "config.yaml"):
+            if log_dir and os.path.isfile(os.path.join(log_dir, name)):
+                lines.append(f"  {name}: {os.path.join(log_dir, name)}")
+        config = os.path.join(log_dir, "config.yaml") if log_dir else None
+        if last and config and os.path.isfile(config):
+            if has_test_split(getattr(trainer, "datamodule", None)):
+                lines.append(f"  next: vitmha test --config {config} --ckpt_path {last}")
+            else:
+                lines.append(f"  next: vitmha validate --config {config} --ckpt_path {last} "
+                             "(the data has no test split)")
+        elif last:
+            lines.append(f"  next: vitmha.load({last!r}).predict([...]) or trainer.test(..., ckpt_path={last!r})")
+        print("\n".join(lines), flush=True)
+
+    def _after_eval(self, trainer: Any, stage: str) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        prefix = "test/" if stage == "test" else "val/"
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix) and v.numel() == 1}
+        lines = [f"{stage} done in {_duration(time.time() - self._t0)}"]
+        lines += [f"  {k}: {v:.4f}" for k, v in sorted(metrics.items())]
+        report = next((c for c in trainer.callbacks if type(c).__name__ == "EvaluationReport"), None)
+        if report is not None and getattr(report, "files", None):
+            folder = os.path.dirname(str(next(iter(report.files.values()))))
+            lines.append(f"  report: {folder}")
+        print("\n".join(lines), flush=True)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._after_eval(trainer, "test")
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.state.fn == "validate":
+            self._after_eval(trainer, "validate")
 
 
-def save_mask_and_overlay(output_dir: str, stem: str, mask: np.ndarray, image: Optional[np.ndarray],
-                          alpha: float = 0.5) -> Path:
-    """Write ``<stem>_mask.png`` (one channel, pixel = class index; 16-bit past 255 classes) and
-    ``<stem>_overlay.png`` (class colours over ``image``, resized to the mask, or the colours alone);
-    returns the mask's path. The one mask/overlay writer of ``vitmha predict`` and tools/predict.py."""
-    from PIL import Image
-
-    from vitmha.visualize import colorize_mask, overlay_mask
-
-    mask = np.asarray(mask).astype(np.int64)
-    mpath = Path(output_dir) / f"{stem}_mask.png"
-    Image.fromarray(mask.astype(np.uint8 if mask.max(initial=0) < 256 else np.uint16)).save(mpath)
-    if image is None:
-        overlay = colorize_mask(mask, None).astype(np.uint8)
-    else:
-        if image.shape[:2] != mask.shape:
-            image = np.asarray(Image.fromarray(image).resize((mask.shape[1], mask.shape[0]), Image.BILINEAR))
-        overlay = overlay_mask(image, mask, alpha, ignore_index=None)
-    Image.fromarray(overlay).save(Path(output_dir) / f"{stem}_overlay.png")
-    return mpath
+# ----------------------------------------------------------------------------------------------------------
+# the CPU
 
 
-class ClassificationPredictionWriter(BasePredictionWriter):
-    """Writes ``<output_dir>/predictions.csv``: one row per image with its top-k labels and probabilities.
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            text = open(path).read().split()
+        except OSError:
+            continue
+        if path.endswith("cpu.max") and text and text[0] != "max":
+            n = min(n, max(1, int(float(text[0]) / float(text[1]) + 0.5)))
+        elif path.endswith("quota_us") and text and int(text[0]) > 0:
+            period = float(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().split()[0])
+            n = min(n, max(1, int(int(text[0]) / period + 0.5)))
+        break
+    return max(1, n)
+
+
+def _cpu_times(cpus: set) -> Optional[tuple[float, float]]:
+    """(busy, total) jiffies summed over ``cpus`` from /proc/stat (None where there is no /proc/stat)."""
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        values = [float(v) for v in fields[:8]]
+        idle = values[3] + values[4]  # idle + iowait
+        total += sum(values)
+        busy += sum(values) - idle
+    return (busy, total) if total else None
+
+
+def busy_cpus(window: float = 0.15) -> float:
+    """How many of this process's CPUs other processes kept busy over ``window`` seconds (0 when unknown)."""
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return 0.0
+    start, own0, t0 = _cpu_times(cpus), os.times(), time.monotonic()
+    if start is None:
+        return 0.0
+    time.sleep(window)
+    end, own1, elapsed = _cpu_times(cpus), os.times(), time.monotonic() - t0
+    if end is None or end[1] <= start[1]:
+        return 0.0
+    share = (end[0] - start[0]) / (end[1] - start[1])            # busy fraction of those CPUs
+    own = (own1.user - own0.user + own1.system - own0.system) / max(elapsed, 1e-6)
+    return max(0.0, share * len(cpus) - own)
+
+
+class CpuThreads(Callback):
+    """Sets torch's intra-op threads for a run on the CPU, once, before it starts, and says so in one line:
+    the usable CPUs (affinity, cgroup quota) per process of the run, less the CPUs other processes keep busy
+    (measured over 0.15 s) and one per data-loader worker, at least 1. A neighbour that holds a core makes
+    every intra-op parallel region wait for the thread it has descheduled, which is how a 1-minute run
+    becomes a 10-minute one; fewer threads avoid that.
 
     Args:
-        output_dir: folder for ``predictions.csv`` (``predictions_rank<r>.csv`` per rank under DDP).
-        top_k: how many classes per image.
-        class_names: label names by class index; by default taken from the data module's ``classes``.
+        threads: a fixed number instead; ``VITMHA_NUM_THREADS`` (or ``OMP_NUM_THREADS``) in the environment
+            also fixes it. The previous setting is restored when the run ends.
     """
 
-    def __init__(self, output_dir: str, top_k: int = 5, class_names: Optional[list[str]] = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-        self.top_k = top_k
-        self.class_names = class_names
-        self._csv: Optional[PredictionsCsv] = None
+    def __init__(self, threads: Optional[int] = None) -> None:
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"cpu_threads: expected a number >= 1, got {threads}")
+        self.threads = threads
+        self.chosen: Optional[int] = None
+        self._previous: Optional[int] = None
 
-    @property
-    def csv_path(self) -> str:
-        return os.path.join(self.output_dir, "predictions.csv")
+    def choose(self, trainer: Any) -> tuple[int, str]:
+        """(threads, the reason in words)."""
+        for source in ("VITMHA_NUM_THREADS", "OMP_NUM_THREADS"):
+            value = os.environ.get(source, "")
+            if self.threads is None and value.strip().isdigit() and int(value) > 0:
+                return int(value), f"{source}={value}"
+        if self.threads is not None:
+            return int(self.threads), "cpu_threads"
+        cpus = usable_cpus()
+        per_process = max(1, cpus // max(1, int(getattr(trainer, "num_devices", 1) or 1)))
+        workers = int(getattr(getattr(trainer, "datamodule", None), "num_workers", 0) or 0)
+        busy = int(busy_cpus() + 0.5) if per_process > 1 else 0
+        n = max(1, per_process - busy - workers)
+        return n, (f"{cpus} CPU(s) usable, {busy} busy with other processes, {workers} loader worker(s); "
+                   "set VITMHA_NUM_THREADS or trainer.cpu_threads to choose")
 
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        path = os.path.join(self.output_dir, f"predictions{_rank_suffix(trainer)}.csv")
-        self._csv = PredictionsCsv(path, self.top_k, _class_names(trainer, pl_module, self.class_names))
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if trainer.strategy.root_device.type != "cpu" or self.chosen is not None:
+            return
+        self.chosen, why = self.choose(trainer)
+        self._previous = torch.get_num_threads()
+        if self.chosen != self._previous:
+            torch.set_num_threads(self.chosen)
+        if trainer.is_global_zero:
+            print(f"vitmha: {self.chosen} intra-op CPU thread(s) ({why})", flush=True)
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        key, out = _as_tensor(prediction, ("logits", "probs"))
-        out = out.detach().float().cpu()
-        probs = out if key == "probs" else out.softmax(dim=-1)
-        self._csv.write(_batch_paths(batch, batch_idx, len(probs)), probs)
-
-    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._csv is not None:
-            self._csv.close()
-            self._csv = None
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._previous is not None:
+            torch.set_num_threads(self._previous)
+        self.chosen = self._previous = None
 
 
-class SegmentationPredictionWriter(BasePredictionWriter):
-    """Writes ``<stem>_mask.png`` (one channel, pixel = class index) and ``<stem>_overlay.png`` per image.
-
-    Masks are resized back to the image's ``orig_size`` (logits bilinearly before the argmax). The overlay
-    blends the palette colour of each class over the original image (read from its ``path``).
+class LogInterval(Callback):
+    """Logs training metrics at least once per epoch: when an epoch has fewer batches than the interval,
+    ``trainer.log_every_n_steps`` becomes the number of batches (Lightning would log nothing and warn).
 
     Args:
-        output_dir: folder for the PNGs.
-        alpha: opacity of the colour overlay.
+        every_n_steps: the interval otherwise (Lightning's default 50).
     """
 
-    def __init__(self, output_dir: str, alpha: float = 0.5) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-        self.alpha = alpha
-        self._names = StemNamer()
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every_n_steps = every_n_steps
 
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        self._names = StemNamer()
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        from PIL import Image
-
-        items = _per_item(prediction, ("mask", "masks", "logits", "probs"))
-        n = len(items)
-        for i, (path, size) in enumerate(zip(_batch_paths(batch, batch_idx, n), _batch_sizes(batch, n))):
-            item = items[i].detach().cpu()
-            if item.ndim == 3:  # (C, h, w) scores
-                if size is not None and tuple(item.shape[-2:]) != size:
-                    item = F.interpolate(item[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-                mask = item.argmax(dim=0)
-            else:  # (h, w) class indices
-                mask = item
-                if size is not None and tuple(mask.shape) != size:
-                    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0]
-            image = None
-            read = getattr(getattr(trainer, "datamodule", None), "read", None)  # a file data module's: RGB, grey, bands
-            if os.path.isfile(path) and read is not None:
-                from vitmha.inference import display_rgb
-
-                image = display_rgb(read(path))
-            elif os.path.isfile(path):
-                with Image.open(path) as im:
-                    image = np.asarray(im.convert("RGB"))
-            save_mask_and_overlay(self.output_dir, self._names(path), mask.to(torch.int64).numpy(), image, self.alpha)
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        batches = trainer.num_training_batches
+        n = self.every_n_steps
+        if isinstance(batches, (int, float)) and batches != float("inf") and 0 < batches < n:
+            n = int(batches)
+        trainer.log_every_n_steps = max(1, n)

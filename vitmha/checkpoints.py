@@ -23,9 +23,29 @@ class CheckpointError(WeightsError):
     """A checkpoint that is missing, unreadable, or not one of the model it is given to."""
 
 
+_LAST_READ: Dict[str, Any] = {}  # the last checkpoint read: {"key": (path, mtime, size), "ckpt": dict}
+
+
+def _file_key(path: str) -> Optional[tuple]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
 def read_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint dict of ``path`` (tensors memory-mapped); raises when the file is missing, unreadable,
-    refused (it would run code), or not a Lightning checkpoint."""
+    refused (it would run code), or not a Lightning checkpoint.
+
+    The last file read is kept until it is read once more, unchanged: the CLI checks ``--ckpt_path`` before
+    the run and Lightning then loads the same file through :class:`vitmha.callbacks.AtomicCheckpointIO`,
+    which reads it only once that way."""
+    key = _file_key(os.fspath(path))
+    if key is not None and _LAST_READ.get("key") == key and "ckpt" in _LAST_READ:
+        ckpt = _LAST_READ.pop("ckpt")
+        _LAST_READ.clear()
+        return ckpt
     try:
         ckpt = load_torch_file(path, what="checkpoint")
     except WeightsError as e:  # the loader's message, as this module's one kind of error
@@ -33,7 +53,15 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no 'state_dict'); expected a file written by "
                               "`vitmha fit` or trainer.save_checkpoint")
+    _LAST_READ.clear()
+    if key is not None:
+        _LAST_READ.update(key=key, ckpt=ckpt)
     return ckpt
+
+
+def forget_read_checkpoint() -> None:
+    """Drop the kept checkpoint (see :func:`read_checkpoint`)."""
+    _LAST_READ.clear()
 
 
 def check_fits(ckpt: Dict[str, Any], model: nn.Module, path: str) -> None:

@@ -1,73 +1,41 @@
-"""The ``vitmha`` command line: ``vitmha fit|validate|test|predict --config X.yaml [--section.key value ...]``.
+"""The ``vitmha`` command: ``vitmha <command> ...`` (``vitmha --help`` lists them).
 
-A :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode: any LightningModule goes under ``model:``
-and any LightningDataModule under ``data:`` (``class_path`` + ``init_args``). ``num_classes`` is given
-once, by the data module, and linked to the model. Unless the config says otherwise every run gets:
+``fit``, ``validate`` and ``test`` are a :class:`~lightning.pytorch.cli.LightningCLI` in subclass mode: any
+LightningModule goes under ``model:`` and any LightningDataModule under ``data:`` (``class_path`` +
+``init_args``); ``num_classes`` is given once, by the data module, and linked to the model. The trainer is
+:class:`vitmha.Trainer` (loggers, atomic checkpoints, preemption handling, reports: see there), and
 
-- CSV and TensorBoard loggers in ``<trainer.default_root_dir>/lightning_logs/version_N/`` (``metrics.csv``,
-  the resolved ``config.yaml``, TensorBoard events under ``tb/``);
-- checkpoints in ``version_N/checkpoints/``: the best by the task's validation metric and ``last.ckpt``,
-  written atomically, never with NaN/Inf weights;
-- a rich progress bar on a terminal, a plain one otherwise;
 - ``seed_everything: 0`` unless given (the data modules and tasks derive every epoch's randomness from it,
   which is what makes ``--ckpt_path last.ckpt`` resume bit-exactly);
-- for ``predict``, ``--output_dir D`` writes ``D/predictions.csv`` (classifiers) or mask and overlay PNGs
-  (segmenters);
-- ``--ckpt_path`` checked before anything runs: a missing, unreadable or code-carrying file, or one whose
+- ``--ckpt_path`` is checked before anything runs: a missing, unreadable or code-carrying file, or one whose
   weights do not fit the model the config builds, is one ``error:`` line; ``--ckpt_path last`` is the
   newest run's ``last.ckpt`` under ``<trainer.default_root_dir>/lightning_logs``. The config is kept as
-  given (LightningCLI would replace the model's arguments with the checkpoint's hyper-parameters).
+  given (LightningCLI would replace the model's arguments with the checkpoint's hyper-parameters), and the
+  model is built without reading its ``pretrained`` weights: the checkpoint holds them.
 
-Errors in the config are reported by jsonargparse with the offending key. vitmha's own user-facing errors
-(bad data, missing weights, a bad checkpoint, a diverged run, a full disk) print as ``error: ...`` with exit
-code 2; set ``VITMHA_TRACEBACK=1`` to see the traceback instead.
+The other commands live in :mod:`vitmha.commands`, one module each. Errors in the config are reported by
+jsonargparse with the offending key. vitmha's own user-facing errors (bad data, missing weights, a bad
+checkpoint, a diverged run, a full disk) print as ``error: ...`` with exit code 2; set ``VITMHA_TRACEBACK=1``
+to see the traceback instead.
 """
 from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, NoReturn, Optional
 
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from vitmha.callbacks import task_monitor
 from vitmha.checkpoints import CheckpointError, check_fits, find_last_checkpoint, read_checkpoint
 from vitmha.errors import exit_on_user_error
-from vitmha.callbacks import (
-    AtomicCheckpointIO,
-    ClassificationPredictionWriter,
-    SegmentationPredictionWriter,
-    VitmhaModelCheckpoint,
-    run_loggers,
-)
-from vitmha.preemption import Preemption
+from vitmha.trainer import LOG_NAME, Trainer
 
-__all__ = ["VitmhaCLI", "cli_main", "default_monitor", "is_segmenter"]
+__all__ = ["VitmhaCLI", "cli_main", "COMMANDS", "default_monitor"]
 
-LOG_NAME = "lightning_logs"
-
-
-def is_segmenter(model: Any) -> bool:
-    """True for tasks that declare ``task = "segmentation"``."""
-    return getattr(model, "task", None) == "segmentation"
-
-
-def default_monitor(model: Any) -> tuple[str, str]:
-    """The validation metric (and its mode) that picks a task's best checkpoint: the model's ``monitor``
-    (and ``monitor_mode``; default "min" for a loss, else "max"), or ``val/loss`` minimised for a
-    LightningModule that declares none."""
-    monitor = getattr(model, "monitor", None) or "val/loss"
-    mode = getattr(model, "monitor_mode", None) or ("min" if "loss" in monitor else "max")
-    return monitor, mode
-
-
-def _checkpoint_filename(monitor: str) -> str:
-    # metric names hold "/", which would make sub-folders: keep "/" out of the literal text
-    return "epoch{epoch:03d}-" + monitor.replace("/", "_") + "{" + monitor + ":.4f}"
+default_monitor = task_monitor  # the name this module has always exported
 
 
 _UNION_NOISE = (
@@ -110,6 +78,7 @@ class VitmhaCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("parser_class", VitmhaArgumentParser)
+        kwargs.setdefault("trainer_class", Trainer)
         # a fixed default seed: runs repeat, and a resumed run reseeds exactly as the first one did
         kwargs.setdefault("seed_everything_default", 0)
         parser_kwargs = {"description": "vitmha: train, validate and test vision transformers (LightningCLI).",
@@ -137,14 +106,6 @@ class VitmhaCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "predict":
-            parser.add_argument(
-                "--output_dir",
-                type=Optional[str],
-                default=None,
-                help="Write predictions here: predictions.csv (classification) or mask/overlay PNGs (segmentation).",
-            )
-            parser.add_argument("--top_k", type=int, default=5, help="Classes per image in predictions.csv.")
         if any(action.dest == "weights_only" for action in parser._actions):
             # Lightning passes None on to torch.load, which unpickles anything from a URL: only tensors here
             parser.set_defaults(weights_only=True)
@@ -206,112 +167,19 @@ class VitmhaCLI(LightningCLI):
             check_fits(checkpoint[1], self.model, checkpoint[0])
 
     # ------------------------------------------------------------------------------------- instantiate
-    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        config = self._get(self.config_init, "trainer", default={})
-        root = _root_dir(config)
+    def instantiate_classes(self) -> None:
+        """As LightningCLI's; with a checkpoint to start from, the model is built without reading its
+        ``pretrained`` weights (the checkpoint holds every weight, so a moved weights file does not matter)."""
+        from vitmha.tasks.base import weights_from_checkpoint
 
-        if config.get("logger") in (None, True) and "logger" not in kwargs:
-            kwargs["logger"] = run_loggers(root, LOG_NAME)  # CSV + TensorBoard in one claimed version_N
+        config = self.config.get(self.config.get("subcommand") or "", None) if "subcommand" in self.config else None
+        with weights_from_checkpoint(bool(config is not None and config.get("ckpt_path"))):
+            super().instantiate_classes()
 
-        configured = config.get("callbacks") or []
-        callbacks = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        if config.get("enable_checkpointing") is not False and not any(
-            isinstance(c, ModelCheckpoint) for c in callbacks
-        ):
-            monitor, mode = default_monitor(self.model)
-            callbacks.append(
-                VitmhaModelCheckpoint(
-                    monitor=monitor,
-                    mode=mode,
-                    save_top_k=1,
-                    save_last=True,
-                    filename=_checkpoint_filename(monitor),
-                    auto_insert_metric_name=False,
-                )
-            )
-        if self.subcommand == "fit" and not any(isinstance(c, Preemption) for c in callbacks):
-            callbacks.append(Preemption())  # SIGTERM/SIGUSR1: resumable last.ckpt, exit 143
-        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(_progress_bar())
-        if self.subcommand == "predict":
-            predict_cfg = self.config_init["predict"]
-            output_dir = predict_cfg.get("output_dir")
-            if output_dir and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
-                if is_segmenter(self.model):
-                    callbacks.append(SegmentationPredictionWriter(output_dir))
-                elif getattr(self.model, "task", None) == "multilabel":
-                    from vitmha.tasks.multilabel import MultiLabelPredictionWriter  # labels above their thresholds
-
-                    callbacks.append(MultiLabelPredictionWriter(output_dir))
-                else:
-                    callbacks.append(ClassificationPredictionWriter(output_dir, top_k=predict_cfg.get("top_k", 5)))
-        if self.subcommand == "test" and not any(type(c).__name__ == "EvaluationReport" for c in callbacks):
-            from vitmha.reports import EvaluationReport  # confusion matrix / ROC / per-class CSVs after `test`
-
-            callbacks.append(EvaluationReport())
-        kwargs.setdefault("callbacks", callbacks)
-
-        plugins = config.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins) and "plugins" not in kwargs:
-            kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
-
-
-    # ------------------------------------------------------------------------------------- summaries
     def before_fit(self) -> None:
         self._check_checkpoint_fits()
-        self._t0 = time.time()
 
-    before_test = before_validate = before_predict = before_fit
-
-    def after_fit(self) -> None:
-        """One short summary instead of Lightning's last line: metric, time, files, the next command."""
-        tr = self.trainer
-        log_dir = tr.log_dir  # a collective under DDP: every rank asks
-        if not tr.is_global_zero:
-            return
-        monitor, mode = default_monitor(self.model)
-        lines = [f"fit done in {_duration(time.time() - self._t0)}, {tr.current_epoch} epoch(s)"]
-        history = _metric_history(log_dir, monitor)
-        if history:
-            pick = max if mode == "max" else min
-            best = pick(history, key=lambda h: h[1])
-            lines.append(f"  {monitor}: best {best[1]:.4f} (epoch {best[0]}), last {history[-1][1]:.4f} "
-                         f"(epoch {history[-1][0]})")
-        ckpt = tr.checkpoint_callback
-        if ckpt is not None and ckpt.best_model_path:
-            lines.append(f"  best checkpoint: {ckpt.best_model_path}")
-        last = os.path.join(ckpt.dirpath, "last.ckpt") if ckpt is not None and ckpt.dirpath else None
-        if last and os.path.isfile(last):
-            lines.append(f"  last checkpoint: {last}")
-        for name in ("metrics.csv", "config.yaml"):
-            if log_dir and os.path.isfile(os.path.join(log_dir, name)):
-                lines.append(f"  {name}: {os.path.join(log_dir, name)}")
-        if last and os.path.isfile(last):
-            cfg = os.path.join(log_dir, "config.yaml") if log_dir else "X.yaml"
-            lines.append(f"  next: vitmha test --config {cfg} --ckpt_path {last}")
-        print("\n".join(lines), flush=True)
-
-    def _after_eval(self, stage: str) -> None:
-        tr = self.trainer
-        if not tr.is_global_zero:
-            return
-        prefix = "test/" if stage == "test" else "val/"
-        metrics = {k: float(v) for k, v in tr.callback_metrics.items() if k.startswith(prefix) and v.numel() == 1}
-        lines = [f"{stage} done in {_duration(time.time() - self._t0)}"]
-        lines += [f"  {k}: {v:.4f}" for k, v in sorted(metrics.items())]
-        report = next((c for c in tr.callbacks if type(c).__name__ == "EvaluationReport"), None)
-        if report is not None and getattr(report, "files", None):
-            folder = os.path.dirname(str(next(iter(report.files.values()))))
-            lines.append(f"  report: {folder}")
-        print("\n".join(lines), flush=True)
-
-    def after_test(self) -> None:
-        self._after_eval("test")
-
-    def after_validate(self) -> None:
-        self._after_eval("validate")
+    before_test = before_validate = before_fit
 
 
 def backbone_in_chans(backbone_kwargs: Any) -> int:
@@ -322,33 +190,6 @@ def backbone_in_chans(backbone_kwargs: Any) -> int:
 def _root_dir(trainer_config: Any) -> str:
     """Where the run folders go: ``trainer.default_root_dir``, else the working directory (Lightning's rule)."""
     return trainer_config.get("default_root_dir") or os.getcwd()
-
-
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s} s" if m else f"{s} s"
-
-
-def _metric_history(log_dir: Optional[str], name: str) -> list:
-    """[(epoch, value)] of ``name`` from the run's metrics.csv (empty when there is none)."""
-    import csv
-
-    path = os.path.join(log_dir, "metrics.csv") if log_dir else ""
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return [(int(r["epoch"]), float(r[name])) for r in csv.DictReader(f) if r.get(name)]
-
-
-def _progress_bar() -> ProgressBar:
-    if sys.stdout.isatty():
-        try:
-            from lightning.pytorch.callbacks import RichProgressBar
-
-            return RichProgressBar()
-        except (ImportError, ModuleNotFoundError):
-            pass
-    return TQDMProgressBar()
 
 
 #: every ``vitmha`` subcommand: (module with ``main(argv)``, or None for LightningCLI's, and its summary)

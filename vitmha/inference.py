@@ -1,5 +1,6 @@
-"""What the user tools (predict, export, attention maps, evaluate) share: loading a trained task from its
-Lightning checkpoint, finding the preprocessing its run used, collecting and reading input images, and
+"""Running trained models: ``vitmha.load`` (a checkpoint -> a :class:`Predictor` with its own preprocessing),
+and what the commands (predict, export, attention maps, explain, evaluate) share: loading a trained task from
+its Lightning checkpoint, finding the preprocessing its run used, collecting and reading input images, and
 turning user-facing errors into one clean message.
 
 Lightning checkpoints are pickles. They are read with ``weights_only=True`` (tensors and plain Python
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -20,20 +21,11 @@ from vitmha.checkpoints import read_checkpoint  # noqa: F401 - the tools' checkp
 from vitmha.errors import exit_on_user_error
 
 __all__ = [
-    "ToolError", "Preprocess", "read_checkpoint", "task_class_path", "load_task", "task_kind", "backbone_of",
+    "load", "Predictor", "ToolError", "Preprocess", "read_checkpoint", "task_class_path", "load_task", "task_kind", "backbone_of",
     "preprocess_config", "eval_transform", "normalize_only", "collect_inputs", "read_image", "batched",
     "resolve_device", "run_tool", "pretrained_backbone", "parse_pretrained", "parse_backbone_kwargs",
     "display_rgb", "input_channels",
 ]
-
-CLASSIFIER = "vitmha.tasks.ImageClassifier"
-SEGMENTER = "vitmha.tasks.SemanticSegmenter"
-_TASK_PATHS = {CLASSIFIER: ("vitmha.tasks", "ImageClassifier"), SEGMENTER: ("vitmha.tasks", "SemanticSegmenter")}
-_ALIASES = {"vitmha.tasks.classification.ImageClassifier": CLASSIFIER,
-            "vitmha.tasks.segmentation.SemanticSegmenter": SEGMENTER}
-MULTILABEL = "vitmha.tasks.MultiLabelClassifier"
-_TASK_PATHS[MULTILABEL] = ("vitmha.tasks", "MultiLabelClassifier")
-_ALIASES["vitmha.tasks.multilabel.MultiLabelClassifier"] = MULTILABEL
 
 T = TypeVar("T")
 
@@ -43,52 +35,57 @@ class ToolError(Exception):
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
-def task_class_path(ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
-    """``vitmha.tasks.ImageClassifier`` or ``vitmha.tasks.SemanticSegmenter`` for a checkpoint dict.
+def _task_class(path: str) -> Optional[type]:
+    """The vitmha task class a class path names (``vitmha.tasks.ImageClassifier`` or its module's path), or None."""
+    import importlib
 
-    Uses the class path LightningCLI stores in the hyper-parameters, else the task's hyper-parameter names
-    (only the segmenter has ``head``).
-    """
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    from vitmha.tasks.base import BackboneTask
+
+    return cls if isinstance(cls, type) and issubclass(cls, BackboneTask) else None
+
+
+def task_class_path(ckpt: Dict[str, Any], path: str = "checkpoint") -> str:
+    """The class path of the vitmha task a checkpoint dict holds: the one LightningCLI stores in the
+    hyper-parameters, else told from the hyper-parameter names (only the segmenter has ``head``, only the
+    multi-label task ``tune_thresholds``). Raises ToolError for a checkpoint of anything else."""
     hp = ckpt.get("hyper_parameters") or {}
     cp = hp.get("_class_path")
     if isinstance(cp, str):
-        cp = _ALIASES.get(cp, cp)
-        if cp not in _TASK_PATHS:
-            raise ToolError(f"{path}: the checkpoint is of {cp}; the tools handle {', '.join(_TASK_PATHS)}")
+        if _task_class(cp) is None:
+            raise ToolError(f"{path}: the checkpoint is of {cp}, which is not a vitmha task (vitmha.tasks.*)")
         return cp
-    if "backbone" not in hp or "num_classes" not in hp:
+    if "backbone" not in hp:
         raise ToolError(f"{path}: the checkpoint has no task hyper-parameters (backbone, num_classes); was it "
                         "saved from a vitmha.tasks module with save_hyperparameters()?")
-    if "tune_thresholds" in hp:  # only the multi-label task has it
-        return MULTILABEL
-    return SEGMENTER if "head" in hp else CLASSIFIER
+    if "mask_ratio" in hp:
+        return "vitmha.tasks.MaskedAutoencoder"
+    if "tune_thresholds" in hp:
+        return "vitmha.tasks.MultiLabelClassifier"
+    return "vitmha.tasks.SemanticSegmenter" if "head" in hp else "vitmha.tasks.ImageClassifier"
 
 
 def load_task(checkpoint: str, map_location: Any = "cpu", ckpt: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """The ImageClassifier or SemanticSegmenter saved in ``checkpoint``, in eval mode.
-
-    Loaded with Lightning's ``load_from_checkpoint(weights_only=True)``; ``pretrained`` is turned off
-    (the checkpoint holds every weight, so no pretrained file is needed). Raises CheckpointError (an
-    unreadable file) or ToolError (another kind of task) naming the file.
-    """
-    import importlib
-
+    """The vitmha task saved in ``checkpoint``, in eval mode, built from the checkpoint alone (its
+    ``pretrained`` weights are not read again). Raises CheckpointError (an unreadable file) or ToolError
+    (not a vitmha task, or weights that do not fit) naming the file."""
     ckpt = read_checkpoint(checkpoint) if ckpt is None else ckpt
-    module, name = _TASK_PATHS[task_class_path(ckpt, checkpoint)]
-    cls = getattr(importlib.import_module(module), name)
+    cls = _task_class(task_class_path(ckpt, checkpoint))
     try:
-        task = cls.load_from_checkpoint(checkpoint, map_location=map_location, weights_only=True, pretrained=False)
+        task = cls.load_from_checkpoint(checkpoint, map_location=map_location)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         msg = " ".join(str(e).split())
-        raise ToolError(f"{checkpoint}: cannot load it as {name} ({msg[:500]})") from None
+        raise ToolError(f"{checkpoint}: cannot load it as {cls.__name__} ({msg[:500]})") from None
     return task.eval()
 
 
 def task_kind(task: nn.Module) -> str:
-    """``"segmentation"``, ``"multilabel"`` or ``"classification"``."""
-    if getattr(task, "task", None) == "multilabel":
-        return "multilabel"
-    return "segmentation" if getattr(task, "task", None) == "segmentation" else "classification"
+    """What a task declares it is (``task.task``): "classification", "multilabel", "segmentation", ..."""
+    return str(getattr(task, "task", "") or "classification")
 
 
 def backbone_of(task: nn.Module) -> nn.Module:
@@ -371,3 +368,183 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 run_tool = exit_on_user_error  # the tools' entry points: user errors print one line and exit 2
+
+
+# --------------------------------------------------------------------------------------------- vitmha.load
+class Predictor:
+    """A trained task (or several of the same kind: an ensemble) ready to predict, each with the preprocessing
+    of its own run. ``predict`` takes image paths, PIL images or arrays and returns one dict per image:
+
+    - classifier: ``{"label", "index", "probs" (C,), "top5": [(label, prob), ...]}``;
+    - multi-label: ``{"labels", "indices", "probs" (C,)}`` (the labels above their thresholds);
+    - segmenter: ``{"mask": (H, W) int64 at the image's own size, "classes": {name: pixels}}``.
+
+    An ensemble averages the members' probabilities (per pixel for segmenters) before deciding.
+    """
+
+    def __init__(self, tasks: Sequence[nn.Module], preprocess: Sequence[Preprocess],
+                 sources: Optional[Sequence[str]] = None) -> None:
+        if not tasks:
+            raise ToolError("no model to predict with")
+        self.tasks = [t.eval() for t in tasks]
+        self.preprocess = list(preprocess)
+        self.sources = list(sources or [type(t).__name__ for t in tasks])
+        kinds = {task_kind(t) for t in self.tasks}
+        if len(kinds) > 1:
+            raise ToolError(f"an ensemble needs one kind of task; got {', '.join(sorted(kinds))} "
+                            f"({', '.join(self.sources)})")
+        self.kind = kinds.pop()
+
+    @property
+    def task(self) -> nn.Module:
+        """The (first) task."""
+        return self.tasks[0]
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        """Class names (of the first member)."""
+        return self.preprocess[0].classes or getattr(self.task, "class_names", None)
+
+    def to(self, device: Any) -> "Predictor":
+        self.tasks = [t.to(device) for t in self.tasks]
+        return self
+
+    def eval(self) -> "Predictor":
+        return self
+
+    def _read(self, item: Any, pre: Preprocess) -> np.ndarray:
+        if isinstance(item, (str, os.PathLike)):
+            return read_image(os.fspath(item), pre)
+        if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image: as the data modules read files
+            return _pil_array(item, pre)
+        a = np.asarray(item)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.ndim != 3:
+            raise ToolError(f"an image array must be (H, W) or (H, W, C), got shape {a.shape}")
+        if not pre.raw and a.shape[2] == 1:
+            a = np.repeat(a, 3, axis=2)
+        return a
+
+    def probs(self, images: Sequence[Any], **options: Any) -> List[torch.Tensor]:
+        """Per image the (averaged) probabilities: (C,) or (K, H, W)."""
+        total: Optional[List[torch.Tensor]] = None
+        for task, pre in zip(self.tasks, self.preprocess):
+            arrays = [self._read(im, pre) for im in images]
+            kwargs = options if task_kind(task) == "segmentation" else {}
+            out = task.predict_probs(arrays, pre, **kwargs)
+            total = out if total is None else [a + b for a, b in zip(total, out)]
+        return [p / len(self.tasks) for p in total or []]
+
+    def describe(self, probs: torch.Tensor) -> Dict[str, Any]:
+        return self.task.describe(probs, self.classes)
+
+    def predict(self, images: Union[Any, Sequence[Any]], batch_size: int = 16, **options: Any) -> List[Dict[str, Any]]:
+        """Predictions for ``images`` (paths, PIL images or arrays; one or a list), ``batch_size`` at a time.
+        Segmenters take ``mode="auto"|"resize"|"slide"`` (see ``SemanticSegmenter.predict_probs``)."""
+        single = isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "convert")
+        items = [images] if single else list(images)
+        out: List[Dict[str, Any]] = []
+        for chunk in batched(items, batch_size):
+            out += [self.describe(p) for p in self.probs(chunk, **options)]
+        return out[0] if single else out
+
+    def __call__(self, images: Any, **kwargs: Any) -> Any:
+        return self.predict(images, **kwargs)
+
+
+def _pil_array(im: Any, pre: Preprocess) -> np.ndarray:
+    """A PIL image as ``read_image`` reads a file: (H, W, 3) uint8 RGB, or with ``pre.raw`` its own channels
+    as float32 in [0, 1] (``max_pixel_value`` or the dtype's range)."""
+    from PIL import ImageOps
+
+    from vitmha.data.io import _to_rgb
+
+    im = ImageOps.exif_transpose(im)
+    if not pre.raw:
+        if im.mode in ("L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F", "RGB"):
+            a = np.asarray(im)
+            return _to_rgb(a.astype(np.uint16) if im.mode.startswith("I;16") else a)
+        return np.asarray(im.convert("RGB"))
+    a = np.asarray(im)
+    a = a[:, :, None] if a.ndim == 2 else a
+    if a.shape[2] != pre.in_chans:
+        raise ToolError(f"a PIL image with {a.shape[2]} channel(s) (mode {im.mode}); the model takes {pre.in_chans}")
+    top = pre.max_pixel_value or (float(np.iinfo(a.dtype).max) if a.dtype.kind in "ui" else 1.0)
+    return np.clip(a.astype(np.float32) / float(top), 0.0, 1.0)
+
+
+def load(checkpoint: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]], device: Any = "cpu") -> Predictor:
+    """``vitmha.load("last.ckpt")``: the vitmha task saved in a checkpoint, in eval mode, with the
+    preprocessing of its own run, as a :class:`Predictor` (``.predict(images)``; ``.task`` is the
+    LightningModule). A list of checkpoints of the same kind of task is an ensemble. Nothing but the
+    checkpoint is read (not its pretrained weights). Raises CheckpointError or ToolError naming the file."""
+    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    tasks, pres = [], []
+    for path in paths:
+        path = os.fspath(path)
+        ckpt = read_checkpoint(path)
+        task = load_task(path, ckpt=ckpt)
+        tasks.append(task)
+        pres.append(preprocess_config(task, ckpt))
+    check_ensemble(tasks, pres, [os.fspath(p) for p in paths])
+    return Predictor(tasks, pres, [os.fspath(p) for p in paths]).to(device)
+
+
+def check_ensemble(tasks: Sequence[nn.Module], pres: Sequence[Preprocess], names: Sequence[str]) -> None:
+    """ToolError naming the checkpoints when the members of an ensemble disagree in kind of task, number of
+    classes or class names."""
+    if len(tasks) < 2:
+        return
+    first = (task_kind(tasks[0]), int(tasks[0].hparams.get("num_classes", 0)), pres[0].classes)
+    for task, pre, name in zip(tasks[1:], pres[1:], names[1:]):
+        other = (task_kind(task), int(task.hparams.get("num_classes", 0)), pre.classes)
+        for what, a, b in zip(("task", "number of classes", "classes"), first, other):
+            if a != b and not (what == "classes" and (a is None or b is None)):
+                raise ToolError(f"{names[0]} and {name} cannot form an ensemble: their {what} differ ({a} vs {b})")
+
+
+class PretrainedClassifier(nn.Module):
+    """A bare backbone with its pretrained classifier head, as a task :class:`Predictor` can run (``vitmha
+    predict --backbone NAME``): zero-shot with the pretrained classes."""
+
+    task = "classification"
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.model = backbone
+        self.hparams = {"num_classes": int(getattr(backbone, "num_classes", 0) or 0)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def predict_probs(self, images: Sequence[np.ndarray], pre: Preprocess) -> List[torch.Tensor]:
+        transform = eval_transform(pre, "classification")
+        x = torch.stack([transform(image=im)["image"] for im in images]).to(self.device)
+        with torch.no_grad():
+            return list(self.model(x).float().softmax(-1).cpu())
+
+    def describe(self, probs: torch.Tensor, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        from vitmha.tasks.classification import describe_probs
+
+        return describe_probs(probs, names)
+
+    def prediction_sink(self, output_dir: str, names: Optional[Sequence[str]] = None, top_k: int = 5,
+                        suffix: str = "", alpha: float = 0.5) -> Any:
+        from vitmha.predictions import PredictionsCsv
+
+        return PredictionsCsv(f"{output_dir}/predictions{suffix}.csv", top_k, names)
+
+
+def load_backbone(name: str, pretrained: Any = True, backbone_kwargs: Optional[Dict[str, Any]] = None,
+                  device: Any = "cpu") -> Predictor:
+    """A :class:`Predictor` of a pretrained timm classifier as it is (its pretrained classes and preprocessing).
+    ToolError when the backbone has no classifier head."""
+    bb, pre = pretrained_backbone(name, pretrained, backbone_kwargs)
+    if not getattr(bb, "num_classes", 0):
+        raise ToolError(f"{name}: this backbone has no classifier head (num_classes=0) to predict with")
+    return Predictor([PretrainedClassifier(bb)], [pre], [name]).to(device)

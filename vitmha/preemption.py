@@ -68,8 +68,16 @@ class Preemption(Callback):
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    # Lightning registers its handlers right before the sanity check; ours replace them from then on
+    # installed as the run is set up (a signal during setup is caught too; Lightning then leaves SIGUSR1
+    # alone), and again once training starts, since Lightning adds its own SIGTERM handler right before
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._install(trainer)
+
     def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
+        self._install(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._install(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:

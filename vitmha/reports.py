@@ -319,11 +319,7 @@ class SegmentationReport:
 
 
 # ------------------------------------------------------------------------------------------------ callback
-def _is_segmenter(pl_module: Any) -> bool:
-    return getattr(pl_module, "task", None) == "segmentation"
-
-
-def _train_counts(trainer: Any, pl_module: Any, k: int) -> Optional[List[int]]:
+def train_counts(trainer: Any, pl_module: Any, k: int) -> Optional[List[int]]:
     """Training counts per class, when cheap to know: the task's (saved with ``class_weights: auto``), the
     data module's once computed, or, for classification, the data module's label list; else None."""
     counts = getattr(pl_module, "class_counts", None)
@@ -331,12 +327,24 @@ def _train_counts(trainer: Any, pl_module: Any, k: int) -> Optional[List[int]]:
         return [int(c) for c in counts.tolist()]
     dm = getattr(trainer, "datamodule", None)
     cached = getattr(dm, "_train_counts", None)
-    if cached is None and not _is_segmenter(pl_module) and callable(getattr(dm, "train_class_counts", None)):
+    if cached is None and pl_module.task == "classification" and callable(getattr(dm, "train_class_counts", None)):
         try:
             cached = dm.train_class_counts()
         except Exception:  # noqa: BLE001 - a report without training counts judges rarity by the support
             cached = None
     return [int(c) for c in cached] if cached is not None and len(cached) == k else None
+
+
+def report_mean_std(trainer: Any, pl_module: Any) -> Tuple[Sequence[float], Sequence[float]]:
+    """The mean/std the evaluated images were normalised with: the data module's, else the backbone's."""
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None and getattr(dm, "mean", None) is not None and getattr(dm, "std", None) is not None:
+        return dm.mean, dm.std
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    model = getattr(pl_module, "inference_model", pl_module)
+    cfg = getattr(getattr(model, "backbone", model), "pretrained_cfg", {}) or {}
+    return cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
 
 
 def _batch_xy(batch: Any) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -390,31 +398,16 @@ class EvaluationReport(Callback):
         names = pl_module.hparams.get("class_names") if hasattr(pl_module, "hparams") else None
         return [str(n) for n in names] if names else None
 
-    def _mean_std(self, trainer: Any, pl_module: Any) -> Tuple[Sequence[float], Sequence[float]]:
-        dm = getattr(trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "mean", None) is not None and getattr(dm, "std", None) is not None:
-            return dm.mean, dm.std
-        model = getattr(pl_module, "inference_model", pl_module)
-        cfg = getattr(getattr(model, "backbone", model), "pretrained_cfg", {}) or {}
-        return cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
-
     def _start(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.report = None
         if stage not in self.stages or trainer.sanity_checking:
             return
         prefix = "test/" if stage == "test" else "val/"
-        k = int(pl_module.hparams.num_classes)
-        names = self._names(trainer, pl_module)
-        if callable(getattr(pl_module, "evaluation_report", None)):  # a task with its own report (multi-label)
-            self.report = pl_module.evaluation_report(names, prefix)
-        elif _is_segmenter(pl_module):
-            mean, std = self._mean_std(trainer, pl_module)
-            self.report = SegmentationReport(k, names, getattr(pl_module, "class_keys", None),
-                                             int(pl_module.hparams.get("ignore_index", 255)), prefix,
-                                             self.num_samples, mean, std, _train_counts(trainer, pl_module, k))
-        else:
-            self.report = ClassificationReport(k, names, prefix, _train_counts(trainer, pl_module, k))
-        self.report.to(pl_module.device)
+        make = getattr(pl_module, "evaluation_report", None)  # the task says what its report is
+        self.report = make(self._names(trainer, pl_module), prefix, trainer, num_samples=self.num_samples) \
+            if callable(make) else None
+        if self.report is not None:
+            self.report.to(pl_module.device)
 
     # ---------------------------------------------------------------- per batch
     def _batch(self, outputs: Any, batch: Any) -> None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from vitmha.inference import (ToolError, backbone_of, input_channels, load_task, preprocess_config,
-                              read_checkpoint, run_tool, task_kind)
+                              read_checkpoint, run_tool)
 from vitmha.peft import merge_peft, parameter_counts, save_trainable, trainable_state_dict
 
 OPSET = 17
@@ -141,14 +141,15 @@ def export_torchscript(task: nn.Module, path: Path, size: int) -> Dict[str, Any]
 
 def timm_overrides(task: nn.Module) -> Dict[str, Any]:
     """The ``timm.create_model`` keyword arguments that build the task's backbone architecture."""
-    hp = task.hparams
-    kwargs = dict(hp.get("backbone_kwargs") or {})
-    kwargs.pop("fused_attn", None)  # vitmha-only switch
-    if task_kind(task) == "segmentation":
+    bb = backbone_of(task)
+    kwargs = dict(task.hparams.get("backbone_kwargs") or {})
+    for key in ("fused_attn", "tome_r"):  # vitmha-only switches
+        kwargs.pop(key, None)
+    if "keep_blocks" in kwargs:  # the file holds that many blocks: timm builds them as depth
+        kwargs["depth"] = kwargs.pop("keep_blocks")
+    if getattr(bb, "dynamic_img_size", False):
         kwargs.setdefault("dynamic_img_size", True)
-        kwargs["num_classes"] = 0
-    else:
-        kwargs["num_classes"] = int(hp.num_classes)
+    kwargs["num_classes"] = int(getattr(bb, "num_classes", 0) or 0)
     return kwargs
 
 

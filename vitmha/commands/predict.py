@@ -1,6 +1,7 @@
-"""Run a trained vitmha checkpoint, or a pretrained timm classifier as it is, on image files.
+"""Predict with trained vitmha checkpoints, or a pretrained timm classifier as it is, on image files.
 
     vitmha predict --checkpoint run/checkpoints/last.ckpt --input photos/ more/*.jpg --output preds/
+    vitmha predict --checkpoint a.ckpt b.ckpt c.ckpt --input photos/ --output preds/      # an ensemble
     vitmha predict --backbone vit_tiny_patch16_224.augreg_in21k_ft_in1k --pretrained true \\
         --input data/samples/ --output preds/
 
@@ -9,35 +10,28 @@ Multi-label classifiers write ``preds/predictions.csv`` with ``path,labels,probs
 above their thresholds joined by ``;`` (most probable first; empty when none), their probabilities in the
 same order, then every class's probability.
 Segmenters write ``preds/<stem>_mask.png`` (one channel, pixel = class index, at the image's original size)
-and ``preds/<stem>_overlay.png`` (class colours over the image). Images are preprocessed as the run's
+and ``preds/<stem>_overlay.png`` (class colours over the image). Images are preprocessed as each run's
 validation data (resize to the training size, the run's mean/std); a segmentation image larger than the
 training size is predicted with sliding windows at its own resolution instead (``--mode``).
+Several checkpoints of the same task and classes are an ensemble: their probabilities are averaged (per
+pixel for segmenters). The same predictions come from Python: ``vitmha.load(checkpoint).predict(images)``.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
+
+from vitmha.inference import (ToolError, batched, collect_inputs, load, load_backbone, parse_backbone_kwargs,
+                              resolve_device, run_tool)
 
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
-from vitmha.inference import (Preprocess, ToolError, batched, collect_inputs, display_rgb,
-                              eval_transform, load_task, normalize_only, parse_backbone_kwargs, preprocess_config,
-                              pretrained_backbone, read_checkpoint, read_image, resolve_device, run_tool, task_kind)
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
-    argv = None if argv is None else [str(a) for a in argv]
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitmha predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    src.add_argument("--checkpoint", nargs="+", help="vitmha task checkpoint(s); several = an ensemble")
     src.add_argument("--backbone", help="timm ViT name (with its tag) whose pretrained classifier to run instead")
     p.add_argument("--pretrained", default=None,
                    help="with --backbone: 'true' (timm's pretrained weights, the default) or a weights file")
@@ -53,128 +47,46 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "size over the full image, 'auto' slides only over images larger than the training size")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the segmentation overlay colours")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return p
 
 
-def _progress(total: int, disable: bool, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, file=sys.stderr, dynamic_ncols=True)
-
-
-def predict_classification(probs_fn, num_classes: int, pre: Preprocess, files: List[str], args,
-                           device: torch.device) -> Path:
-    """Write ``predictions.csv`` (path, label1, prob1, ..., labelK, probK) from ``probs_fn(x)`` (B, C)
-    probabilities, with the CLI's writer; returns its path."""
-    from vitmha.callbacks import PredictionsCsv
-
-    transform = eval_transform(pre, "classification")
-    out = PredictionsCsv(str(Path(args.output) / "predictions.csv"), args.topk, pre.classes)
-    with _progress(len(files), args.no_progress, "predict") as bar:
-        for chunk in batched(files, args.batch_size):
-            x = torch.stack([transform(image=read_image(p, pre))["image"] for p in chunk]).to(device)
-            with torch.no_grad():
-                out.write(chunk, probs_fn(x))
-            bar.update(len(chunk))
-    return Path(out.close())
-
-
-def predict_multilabel(task, pre: Preprocess, files: List[str], args, device: torch.device) -> Path:
-    """Write ``predictions.csv`` (path, labels, probs, prob_<class>...) of a MultiLabelClassifier with the CLI's
-    writer: every label above the checkpoint's threshold for it; returns its path."""
-    from vitmha.tasks.multilabel import MultiLabelPredictionsCsv
-
-    transform = eval_transform(pre, "classification")
-    out = MultiLabelPredictionsCsv(str(Path(args.output) / "predictions.csv"), pre.classes or task.class_names,
-                                   task.thresholds)
-    with _progress(len(files), args.no_progress, "predict") as bar:
-        for chunk in batched(files, args.batch_size):
-            x = torch.stack([transform(image=read_image(p, pre))["image"] for p in chunk]).to(device)
-            with torch.no_grad():
-                out.write(chunk, task.eval_probs(x))
-            bar.update(len(chunk))
-    return Path(out.close())
-
-
-def segment_logits(task, pre: Preprocess, images: List[np.ndarray], mode: str, device: torch.device,
-                   transform=None) -> List[torch.Tensor]:
-    """Per image, logits (K, H, W) at the image's own size: resized to the training size and back, or slid."""
-    size = pre.image_size
-    window = int(task.hparams.get("slide_window") or size)
-    out: List[Optional[torch.Tensor]] = [None] * len(images)
-    resize_idx = []
-    for i, img in enumerate(images):
-        h, w = img.shape[:2]
-        if mode == "slide" or (mode == "auto" and (h > window or w > window)):
-            x = normalize_only(img, pre)[None].to(device)
-            with torch.no_grad():
-                out[i] = task.sliding_window_inference(x, window=window)[0].float().cpu()
-        else:
-            resize_idx.append(i)
-    if resize_idx:
-        transform = transform or eval_transform(pre, "segmentation")
-        x = torch.stack([transform(image=images[i])["image"] for i in resize_idx]).to(device)
-        with torch.no_grad():
-            logits = task(x).float()
-        for j, i in enumerate(resize_idx):
-            h, w = images[i].shape[:2]
-            out[i] = F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)[0].cpu()
-    return out  # type: ignore[return-value]
-
-
-def predict_segmentation(task, pre: Preprocess, files: List[str], args, device: torch.device) -> List[Path]:
-    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png`` per image with the CLI's writer (a stem two
-    inputs share gets the parent folder's name); returns the mask paths."""
-    from vitmha.callbacks import StemNamer, save_mask_and_overlay
-
-    transform = eval_transform(pre, "segmentation")
-    names = StemNamer()
-    written = []
-    with _progress(len(files), args.no_progress, "segment") as bar:
-        for chunk in batched(files, args.batch_size):
-            images = [read_image(f, pre) for f in chunk]  # the model's channels: RGB, grey or bands
-            for f, img, logits in zip(chunk, images, segment_logits(task, pre, images, args.mode, device, transform)):
-                written.append(save_mask_and_overlay(args.output, names(f), logits.argmax(0).numpy(), display_rgb(img),
-                                                     args.alpha))
-            bar.update(len(chunk))
-    return written
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
+    return build_parser().parse_args(None if argv is None else [str(a) for a in argv])
 
 
 @run_tool
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    """Run ``vitmha predict``; returns the folder written."""
     args = parse_args(argv)
     if args.topk < 1:
         raise ToolError(f"--topk must be >= 1, got {args.topk}")
     if args.backbone is None and (args.pretrained is not None or args.backbone_kwargs is not None):
         raise ToolError("--pretrained and --backbone-kwargs go with --backbone (a checkpoint holds its own weights)")
-    ckpt = read_checkpoint(args.checkpoint) if args.checkpoint else None
-    files = collect_inputs(args.input)
     device = resolve_device(args.device)
     if args.backbone:
-        kwargs = parse_backbone_kwargs(args.backbone_kwargs)
-        bb, pre = pretrained_backbone(args.backbone, "true" if args.pretrained is None else args.pretrained, kwargs)
-        if not getattr(bb, "num_classes", 0):
-            raise ToolError(f"{args.backbone}: this backbone has no classifier head (num_classes=0) to predict with")
-        os.makedirs(args.output, exist_ok=True)
-        bb = bb.to(device)
-        out = predict_classification(lambda x: bb(x).softmax(-1), bb.num_classes, pre, files, args, device)
-        print(f"wrote {out} ({len(files)} images)")
-        return
-    task = load_task(args.checkpoint, ckpt=ckpt).to(device)
-    pre = preprocess_config(task, ckpt)
-    os.makedirs(args.output, exist_ok=True)
-    if task_kind(task) == "segmentation":
-        masks = predict_segmentation(task, pre, files, args, device)
-        print(f"wrote {len(masks)} masks and overlays to {args.output}")
-    elif task_kind(task) == "multilabel":
-        out = predict_multilabel(task, pre, files, args, device)
-        print(f"wrote {out} ({len(files)} images)")
+        predictor = load_backbone(args.backbone, "true" if args.pretrained is None else args.pretrained,
+                                  parse_backbone_kwargs(args.backbone_kwargs), device)
     else:
-        # the task's own evaluation (EMA weights, mirror-image TTA): the probabilities `vitmha predict` writes
-        out = predict_classification(lambda x: task.eval_log_probs(x).exp(), int(task.hparams.num_classes), pre,
-                                     files, args, device)
-        print(f"wrote {out} ({len(files)} images)")
+        predictor = load(args.checkpoint, device)
+    files = collect_inputs(args.input)
+    batched(files, args.batch_size)  # a bad --batch-size fails before anything is written
+    os.makedirs(args.output, exist_ok=True)
+    sink = predictor.task.prediction_sink(args.output, predictor.classes, args.topk, alpha=args.alpha)
+    from tqdm import tqdm
 
-
-if __name__ == "__main__":
-    main()
+    options = {"mode": args.mode} if predictor.kind == "segmentation" else {}
+    with tqdm(total=len(files), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for chunk in batched(files, args.batch_size):
+            images = [predictor._read(f, predictor.preprocess[0]) for f in chunk]
+            probs = predictor.probs(images if len(predictor.tasks) == 1 else chunk, **options)
+            sink.write(chunk, [predictor.describe(p) for p in probs], images)
+            bar.update(len(chunk))
+    out = sink.close()
+    what = f"an ensemble of {len(predictor.tasks)}: {', '.join(predictor.sources)}" if len(predictor.tasks) > 1 else ""
+    if predictor.kind == "segmentation":
+        print(f"wrote {len(files)} masks and overlays to {args.output}" + (f" ({what})" if what else ""))
+    else:
+        print(f"wrote {out} ({len(files)} images{'; ' + what if what else ''})")
+    return args.output

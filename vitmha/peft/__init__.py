@@ -13,7 +13,6 @@ and the two ends ``linear_probe`` (head only) and ``full``. The tasks take the s
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 from pathlib import Path
@@ -166,7 +165,9 @@ def task_from_trainable(path: Union[str, os.PathLike], **overrides: Any) -> nn.M
         raise PeftError(f"{path}: holds no task metadata; build the model and call load_trainable(model, path)")
     module, name = class_path.rsplit(".", 1)
     cls = getattr(importlib.import_module(module), name)
-    accepted = inspect.signature(cls).parameters
+    from vitmha.tasks.base import task_arguments
+
+    accepted = set(task_arguments(cls))
     task = cls(**{k: v for k, v in {**hparams, **overrides}.items() if k in accepted})
     load_trainable(task.model, path)
     return task.eval()

@@ -1,32 +1,51 @@
-"""What the classification and segmentation tasks share: building the backbone, optimiser and
-schedule, linear probing / late unfreezing, parameter-efficient fine-tuning (``peft``), weight EMA,
-per-step reseeding for exact resume, the non-finite loss policy, and the loss options for rare classes
-(``class_weights``, ``loss: ce | focal``). Subclasses define ``__init__`` (their typed signature is the CLI),
-set ``self.model`` (everything that is trained; the EMA follows it) and ``self.ema`` and implement the steps."""
+"""The options every vitmha task takes, declared once, and the pieces behind them.
+
+:class:`BackboneTask` holds what any task on a vitmha backbone shares: the backbone (arch, pretrained weights,
+overrides), the optimiser and its schedule, gradient clipping, the non-finite loss policy and weight EMA.
+:class:`SupervisedTask` adds what the tasks with labels share: the number of classes, linear probing and
+late unfreezing (:mod:`vitmha.tasks.freezing`), parameter-efficient fine-tuning (``peft``) and class weights.
+A task's ``__init__`` takes its own options and passes the rest on (``**kwargs``), so the CLI and ``--help``
+show every option of every task, documented here once. Exact resume is the
+:class:`~vitmha.tasks.reseed.ExactResume` callback every task installs (``configure_callbacks``).
+
+A task also declares what it is, for the commands and reports: ``task`` (its kind), ``monitor`` (the
+validation metric of its best checkpoint) and the methods ``predict_probs``/``describe``/``prediction_sink``
+(prediction), ``evaluation_report`` (the report after ``test``) and ``eval_outputs``/``attack_loss``
+(robustness).
+"""
 from __future__ import annotations
 
-import os
-import random
+import contextlib
+import contextvars
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from vitmha.models.layers import PatchDropout
-from vitmha.peft import PeftError, PeftSpec, parse_peft
 from vitmha.tasks.ema import ModelEma
-from vitmha.tasks.losses import AUTO_WEIGHTS, LOSSES, class_weights_from_counts
 from vitmha.tasks.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, param_groups, param_shapes
 
 NONFINITE_POLICIES = ("error", "skip")
+_WEIGHTS_FROM_CHECKPOINT = contextvars.ContextVar("vitmha_weights_from_checkpoint", default=False)
 
 
 class TaskConfigError(ValueError):
     """A task option that cannot work (printed by the CLI as one ``error:`` line naming the option)."""
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint(active: bool = True) -> Iterator[None]:
+    """Within this context tasks build their backbones without reading ``pretrained`` weights: a checkpoint
+    about to be loaded holds every weight. ``load_from_checkpoint``, ``vitmha.load`` and the CLI with
+    ``--ckpt_path`` use it, so a trained checkpoint loads with nothing but itself. The hyper-parameters keep
+    their values (``pretrained`` still decides the default learning rate)."""
+    token = _WEIGHTS_FROM_CHECKPOINT.set(bool(active) or _WEIGHTS_FROM_CHECKPOINT.get())
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
 def from_scratch(pretrained: Union[bool, str, None]) -> bool:
@@ -39,7 +58,8 @@ def build_backbone(name: str, pretrained: Union[bool, str], backbone_kwargs: Opt
     """``vitmha.create_backbone(name, pretrained, **backbone_kwargs, **overrides)``; ``drop_path_rate``
     is passed only when set, so the architecture's default stays otherwise. From scratch, ``weight_init``
     defaults to ``jax`` (big_vision's: lecun-normal patch embedding, zero classifier head), which trains
-    small ViTs from scratch faster than timm's truncated-normal default (``weight_init: ''`` selects timm's)."""
+    small ViTs from scratch faster than timm's truncated-normal default (``weight_init: ''`` selects timm's).
+    Inside :func:`weights_from_checkpoint` nothing is read."""
     from vitmha.models import create_backbone  # the models package imports nothing from tasks
 
     kwargs = dict(backbone_kwargs or {})
@@ -48,202 +68,203 @@ def build_backbone(name: str, pretrained: Union[bool, str], backbone_kwargs: Opt
         kwargs["drop_path_rate"] = drop_path_rate
     if from_scratch(pretrained):
         kwargs.setdefault("weight_init", "jax")
+    if _WEIGHTS_FROM_CHECKPOINT.get():
+        pretrained = False
     return create_backbone(name, pretrained=pretrained, **kwargs)
 
 
-def default_lr(pretrained: Union[bool, str], freeze_backbone: bool) -> float:
-    """1e-4 when fine-tuning pretrained weights end to end, 1e-3 from scratch or when the backbone's weights
-    are frozen (``freeze_backbone``: a linear probe, or PEFT, which trains few, freshly added parameters) (with
-    the default gradient clipping at norm 1.0 and big_vision's init; without them 1e-3 made a small ViT
-    trained from scratch collapse to chance)."""
-    return 1e-4 if (not from_scratch(pretrained) and not freeze_backbone) else 1e-3
+def default_lr(pretrained: Union[bool, str], trains_few: bool) -> float:
+    """1e-4 when fine-tuning pretrained weights end to end, 1e-3 from scratch or when only a few, fresh
+    parameters train (a linear probe, PEFT) (with the default gradient clipping at norm 1.0 and big_vision's
+    init; without them 1e-3 made a small ViT trained from scratch collapse to chance)."""
+    return 1e-4 if (not from_scratch(pretrained) and not trains_few) else 1e-3
 
 
-PATCH_DROP_SCHEDULES = ("constant", "linear")
-EPOCH_START = 2**32 - 1  # the "batch index" of the seed drawn at an epoch's start
+def task_arguments(cls: type) -> List[str]:
+    """Every keyword argument a task class takes: its own ``__init__``'s and those it passes on to its bases."""
+    import inspect
+
+    names: List[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or not issubclass(klass, BackboneTask):
+            continue
+        for p in inspect.signature(klass.__init__).parameters.values():
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self" and p.name not in names:
+                names.append(p.name)
+    return names
 
 
-def step_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
-    """A 63-bit seed that is a function of (global seed, epoch, batch index in the epoch, rank) only."""
-    state = np.random.SeedSequence([int(seed) & (2**64 - 1), epoch, batch, rank, 0x57E9]).generate_state(2, np.uint32)
-    return ((int(state[0]) << 31) ^ int(state[1])) % (2**63 - 1)
+def batch_images(batch: Any) -> torch.Tensor:
+    """The images of a batch: a tensor, the first item of an ``(images, targets)`` pair, or ``batch["image"]``."""
+    if isinstance(batch, dict):
+        return batch["image"]
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
 
 
 class BackboneTask(L.LightningModule):
-    """Base class; expects hparams ``lr, weight_decay, layer_decay, warmup_epochs, warmup_steps, min_lr,
-    scheduler, freeze_backbone, freeze_blocks, unfreeze_at_epoch, ema_decay, nonfinite, pretrained`` and
-    optionally ``peft``, ``optimizer``, ``momentum``, ``nesterov``, ``class_weights``, ``loss``, ``focal_gamma``."""
+    """Base of every vitmha task: a backbone, its optimiser and schedule, clipping, EMA.
+
+    Args:
+        backbone: timm ViT architecture name (optionally with its tag), e.g. ``vit_small_patch16_224``.
+        pretrained: False, True (timm's pretrained config: the Hugging Face cache, offline with
+            ``HF_HUB_OFFLINE=1``) or a weights file (.safetensors, .pth/.pt/.bin, timm/JAX .npz, or a vitmha
+            task checkpoint).
+        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, in_chans, depth,
+            keep_blocks, patch_drop_rate, tome_r, ...). From scratch ``weight_init`` defaults to ``jax``.
+        drop_path_rate: stochastic depth rate; None keeps the architecture's default.
+        grad_checkpointing: recompute block activations in backward to save memory.
+        lr: peak learning rate; None = 1e-4 when fine-tuning pretrained weights end to end, else 1e-3.
+        weight_decay: weight decay (not on norms, biases, tokens, position embeddings, nor on what any module
+            lists in ``no_weight_decay()``; decided from the parameters' original names and shapes, also
+            under FSDP).
+        layer_decay: layer-wise lr decay; block i gets lr * layer_decay ** (depth - i). 1.0 = off;
+            0.65-0.75 is usual for fine-tuning.
+        warmup_epochs: linear warmup length in epochs (may be fractional).
+        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs``.
+        min_lr: lr at the end of the schedule.
+        scheduler: ``cosine``, ``poly`` (power 0.9) or ``constant`` after warmup, stepped every step.
+        optimizer: ``adamw``, ``sgd`` (with ``momentum``, optionally Nesterov; weight decay as L2 on the
+            gradient) or ``lamb`` (timm's LAMB: layer-wise trust ratio, for large batches).
+        betas: the moment decay rates of AdamW and LAMB.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum for SGD.
+        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
+            ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
+        nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip``
+            skips the batch and logs ``train/skipped_batches`` (single device only: under DDP the ranks
+            would disagree).
+        ema_decay: keep an EMA of the weights with this decay (e.g. 0.9998) and evaluate with it (timm's
+            ModelEmaV3 with its warmup).
+    """
 
     model: nn.Module
     ema: Optional[ModelEma]
-    #: what the task predicts ("classification" or "segmentation"); the CLI, tools and reports read it
+    #: what the task is ("classification", "multilabel", "segmentation", "pretraining"); commands read it
     task: str = ""
-    #: the validation metric that picks the best checkpoint (maximised)
+    #: the validation metric that picks the best checkpoint
     monitor: str = "val/loss"
+    #: "max" or "min"; None = "min" for a loss, else "max"
+    monitor_mode: Optional[str] = None
 
-    def _check_common_args(self) -> None:
-        hp = self.hparams
-        if hp.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {hp.scheduler!r}")
-        if hp.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {hp.nonfinite!r}")
-        #: the checked ``peft`` spec; None for plain fine-tuning (``peft`` None or ``{method: full}``)
-        self.peft_spec: Optional[PeftSpec] = parse_peft(hp.get("peft"))
-        if self.uses_peft:
-            for key, on in (("freeze_backbone", hp.freeze_backbone), ("freeze_blocks", hp.get("freeze_blocks")),
-                            ("unfreeze_at_epoch", hp.unfreeze_at_epoch is not None)):
-                if on:
-                    raise PeftError(f"peft.method {self.peft_spec.method} freezes the backbone itself; "
-                                    f"{key} does not apply (use peft {{method: linear_probe}} or full fine-tuning)")
-        if hp.unfreeze_at_epoch is not None and not self.freezes_backbone:
-            raise ValueError("unfreeze_at_epoch needs freeze_backbone=True")
-        if int(hp.get("freeze_blocks") or 0) < 0:
-            raise ValueError(f"freeze_blocks must be >= 0, got {hp.freeze_blocks}")
-        if not 0.0 < hp.layer_decay <= 1.0:
-            raise ValueError(f"layer_decay must be in (0, 1], got {hp.layer_decay}")
-        if hp.get("optimizer", "adamw") not in OPTIMIZERS:
-            raise TaskConfigError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {hp.optimizer!r}")
-        if hp.get("nesterov") and not hp.get("momentum"):
-            raise TaskConfigError(f"nesterov: needs momentum > 0, got momentum={hp.momentum}")
-        losses = getattr(self, "losses", LOSSES)  # a task may declare its own (the multi-label task: bce, asl)
-        if hp.get("loss", "ce") not in losses:
-            raise TaskConfigError(f"loss: expected one of {', '.join(losses)}, got {hp.loss!r}")
-        if float(hp.get("focal_gamma", 0.0)) < 0:
-            raise TaskConfigError(f"focal_gamma: must be >= 0, got {hp.focal_gamma}")
+    def __init__(
+        self,
+        *,
+        backbone: str = "vit_tiny_patch16_224",
+        pretrained: Union[bool, str] = False,
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        drop_path_rate: Optional[float] = None,
+        grad_checkpointing: bool = False,
+        lr: Optional[float] = None,
+        weight_decay: float = 0.05,
+        layer_decay: float = 1.0,
+        warmup_epochs: float = 5.0,
+        warmup_steps: Optional[int] = None,
+        min_lr: float = 1e-6,
+        scheduler: str = "cosine",
+        optimizer: str = "adamw",
+        betas: Tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        grad_clip_norm: Optional[float] = 1.0,
+        nonfinite: str = "error",
+        ema_decay: Optional[float] = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # every task's arguments: Lightning collects the subclasses' frames too
+        if scheduler not in SCHEDULERS:
+            raise TaskConfigError(f"scheduler: expected one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise TaskConfigError(f"nonfinite: expected one of {', '.join(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        if not 0.0 < layer_decay <= 1.0:
+            raise TaskConfigError(f"layer_decay: must be in (0, 1], got {layer_decay}")
+        if optimizer not in OPTIMIZERS:
+            raise TaskConfigError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if nesterov and not momentum:
+            raise TaskConfigError(f"nesterov: needs momentum > 0, got momentum={momentum}")
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise TaskConfigError(f"betas: expected two values in [0, 1), got {list(betas)}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise TaskConfigError(f"ema_decay: must be in (0, 1), got {ema_decay}")
+        self.ema = None
         self.skipped_batches = 0
-        self._backbone_frozen = False
 
-    # ----------------------------------------------------------------- rare classes
-    def _init_class_weights(self, num_classes: int) -> None:
-        """Check ``class_weights`` and register the ``class_weight`` buffer (C,) it fills: the given list, or
-        NaN until ``setup("fit")`` computes ``auto``/``effective`` weights from the training counts (kept in
-        the state dict, so test and predict need no data). No buffer without class weights, so checkpoints
-        of runs without them keep their keys."""
-        cw = self.hparams.get("class_weights")
-        if cw is None:
-            return
-        if isinstance(cw, str):
-            if cw not in AUTO_WEIGHTS:
-                raise TaskConfigError(f"class_weights: expected null, {' or '.join(AUTO_WEIGHTS)}, or a list of "
-                                      f"{num_classes} weights; got {cw!r}")
-            weight = torch.full((num_classes,), float("nan"))
-            self.register_buffer("class_counts", torch.full((num_classes,), -1, dtype=torch.long))
-        else:
-            try:
-                weight = torch.tensor([float(w) for w in cw], dtype=torch.float32)
-            except (TypeError, ValueError):
-                raise TaskConfigError(f"class_weights: expected a list of {num_classes} numbers, got {cw!r}") from None
-            if weight.numel() != num_classes or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()) \
-                    or not bool((weight > 0).any()):
-                raise TaskConfigError(f"class_weights: expected {num_classes} finite weights >= 0 (num_classes="
-                                      f"{num_classes}), not all 0; got {list(cw)}")
-        self.register_buffer("class_weight", weight)
+    # ----------------------------------------------------------------- building
+    def build_backbone(self, **overrides: Any) -> nn.Module:
+        """The backbone the hyper-parameters describe (``overrides`` on top, e.g. ``num_classes``)."""
+        hp = self.hparams
+        bb = build_backbone(hp.backbone, hp.pretrained, hp.backbone_kwargs, hp.drop_path_rate, **overrides)
+        if hp.grad_checkpointing:
+            bb.set_grad_checkpointing(True)
+        return bb
 
-    def loss_weight(self) -> Optional[torch.Tensor]:
-        """The per-class loss weights (C,), or None (no ``class_weights``, or ``auto`` not computed yet)."""
-        w = getattr(self, "class_weight", None)
-        return w if w is not None and bool(torch.isfinite(w).all()) else None
+    def attach_ema(self) -> None:
+        """Start the weight EMA of ``self.model`` when ``ema_decay`` is set (call once the model is built)."""
+        if self.hparams.ema_decay is not None:
+            self.ema = ModelEma(self.model, self.hparams.ema_decay)
 
-    def _train_loss_weight(self) -> Optional[torch.Tensor]:
-        w = self.loss_weight()
-        if w is None and self.hparams.get("class_weights") is not None:
-            raise TaskConfigError(f"class_weights: {self.hparams.class_weights!r} weights were never computed "
-                                  "(they are computed in setup('fit') from the data module)")
-        return w
-
-    def setup(self, stage: str) -> None:
-        # before a strategy wraps the model (FSDP reshapes parameters): the original shapes decide weight decay
-        if getattr(self, "_param_shapes", None) is None:
-            self._param_shapes = param_shapes(self.backbone_module(), self.head_modules())
-        if stage == "fit" and isinstance(self.hparams.get("class_weights"), str):
-            self._compute_class_weights()
-
-    def _compute_class_weights(self) -> None:
-        """Fill ``class_weight`` from the data module's ``train_class_counts()``; log the table."""
-        method, k = self.hparams.class_weights, int(self.hparams.num_classes)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        counter = getattr(dm, "train_class_counts", None)
-        if counter is None:
-            raise TaskConfigError(
-                f"class_weights: {method!r} needs the training class counts from the data module, but "
-                f"{type(dm).__name__ if dm is not None else 'no data module'} has no train_class_counts() "
-                "(vitmha's data modules have it); give the weights as a list [w0, w1, ...] instead")
-        counts = np.asarray(counter(), dtype=np.int64)
-        if counts.shape != (k,):
-            raise TaskConfigError(f"class_weights: the data module counted {counts.shape[0]} classes, the model "
-                                  f"has num_classes={k}")
-        weight = class_weights_from_counts(counts, method)
-        self.class_weight.copy_(weight)
-        self.class_counts.copy_(torch.from_numpy(counts))
-        names = getattr(dm, "classes", None) or [str(i) for i in range(k)]
-        kind = "inverse frequency" if method == "auto" else "effective number, beta 0.999"
-        what = "pixels" if self.task == "segmentation" else "images"
-        table = ", ".join(f"{n}: {w:.3g} ({c})" for n, w, c in zip(names, weight.tolist(), counts.tolist()))
-        rank_zero_info(f"class_weights {method} ({kind}, mean 1 over the classes present), "
-                       f"class: weight (train {what}): {table}")
-        for logger in self.loggers:
-            logger.log_hyperparams({"class_weights_used": {str(n): round(float(w), 6) for n, w in zip(names, weight)},
-                                    "train_class_counts": {str(n): int(c) for n, c in zip(names, counts)}})
-
-    @property
-    def freezes_backbone(self) -> bool:
-        """A linear probe: ``freeze_backbone``, or ``peft: {method: linear_probe}``, which means the same."""
-        spec = getattr(self, "peft_spec", None)
-        return bool(self.hparams.freeze_backbone) or (spec is not None and spec.method == "linear_probe")
-
-    @property
-    def uses_peft(self) -> bool:
-        """A PEFT method (lora, dora, bitfit, vpt, adapter): what trains was fixed when the task was built."""
-        spec = getattr(self, "peft_spec", None)
-        return spec is not None and spec.method != "linear_probe"
-
-    # ----------------------------------------------------------------- subclass hooks
     def backbone_module(self) -> nn.Module:
-        """The ViT (its params get layer-wise lr decay and are the ones ``freeze_backbone`` freezes)."""
+        """The ViT (its params get layer-wise lr decay)."""
         return self.model
 
     def head_modules(self) -> List[nn.Module]:
         """Trained modules outside the backbone (decoders); lr scale 1.0."""
         return []
 
-    def frozen_parameters(self) -> List[nn.Parameter]:
-        """Parameters frozen by ``freeze_backbone``."""
-        return list(self.backbone_module().parameters())
+    @property
+    def inference_model(self) -> nn.Module:
+        """The EMA weights when ``ema_decay`` is set, else the trained weights."""
+        return self.ema.module if self.ema is not None else self.model
 
-    def leading_parameters(self, n: int) -> List[nn.Parameter]:
-        """The patch embedding, prefix tokens, position embedding and the first ``n`` blocks of the backbone
-        (what ``freeze_blocks`` freezes). Raises ValueError when the backbone has fewer than ``n`` blocks."""
-        bb = self.backbone_module()
-        depth = len(bb.blocks)
-        if n > depth:
-            raise ValueError(f"freeze_blocks={n}, but the backbone has {depth} blocks")
-        prefixes = ("patch_embed.", "cls_token", "reg_token", "pos_embed", "norm_pre.") + tuple(
-            f"blocks.{i}." for i in range(n))
-        return [p for name, p in bb.named_parameters() if name.startswith(prefixes)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output; the EMA weights in eval mode when ``ema_decay`` is set."""
+        return (self.model if self.training else self.inference_model)(x)
 
-    def frozen_modules(self) -> List[nn.Module]:
-        """Modules kept in eval mode while frozen (no dropout/drop-path)."""
-        return [self.backbone_module()]
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "BackboneTask":
+        """Lightning's ``load_from_checkpoint``, with ``weights_only=True`` and without reading the
+        ``pretrained`` weights again: the checkpoint holds every weight, so it loads with nothing but itself."""
+        kwargs.setdefault("weights_only", True)
+        with weights_from_checkpoint():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def configure_callbacks(self) -> List[L.Callback]:
+        from vitmha.tasks.reseed import ExactResume
+
+        return [ExactResume()]
 
     # ----------------------------------------------------------------- optimisation
     @property
+    def trains_few_parameters(self) -> bool:
+        """True when only a few, fresh parameters train (linear probe, PEFT): they get the larger default lr."""
+        return False
+
+    @property
+    def fixed_trainable_set(self) -> bool:
+        """True when what trains is fixed once the task is built (PEFT): the optimiser then holds only those
+        parameters; otherwise it holds every parameter, frozen ones included, so unfreezing later works."""
+        return False
+
+    @property
     def learning_rate(self) -> float:
         hp = self.hparams
-        return hp.lr if hp.lr is not None else default_lr(hp.pretrained, self.freezes_backbone or self.uses_peft)
+        return hp.lr if hp.lr is not None else default_lr(hp.pretrained, self.trains_few_parameters)
+
+    def setup(self, stage: str) -> None:
+        # before a strategy wraps the model (FSDP reshapes parameters): the original shapes decide weight decay
+        if getattr(self, "_param_shapes", None) is None:
+            self._param_shapes = param_shapes(self.backbone_module(), self.head_modules())
 
     def configure_optimizers(self) -> Dict[str, Any]:
         hp = self.hparams
-        lr = self.learning_rate
-        # build_optimizer reads trainer.estimated_stepping_batches, which makes the first train iterator
-        self._preseeded_epoch = getattr(self, "_start_epoch", 0)
-        self._reseed(self._preseeded_epoch)
-        groups = param_groups(self.backbone_module(), self.head_modules(), lr=lr, weight_decay=hp.weight_decay,
-                              layer_decay=hp.layer_decay, trainable_only=self.uses_peft,
-                              shapes=getattr(self, "_param_shapes", None))
-        return build_optimizer(self, groups, lr=lr, scheduler=hp.scheduler, warmup_epochs=hp.warmup_epochs,
-                               warmup_steps=hp.warmup_steps, min_lr=hp.min_lr,
-                               optimizer=hp.get("optimizer", "adamw"), momentum=float(hp.get("momentum", 0.9)),
-                               nesterov=bool(hp.get("nesterov", False)))
+        groups = param_groups(self.backbone_module(), self.head_modules(), lr=self.learning_rate,
+                              weight_decay=hp.weight_decay, layer_decay=hp.layer_decay,
+                              trainable_only=self.fixed_trainable_set, shapes=getattr(self, "_param_shapes", None))
+        return build_optimizer(self, groups, lr=self.learning_rate, scheduler=hp.scheduler,
+                               warmup_epochs=hp.warmup_epochs, warmup_steps=hp.warmup_steps, min_lr=hp.min_lr,
+                               optimizer=hp.optimizer, momentum=float(hp.momentum), nesterov=bool(hp.nesterov),
+                               betas=tuple(hp.betas))
 
     def current_peak_lr(self) -> float:
         """The largest lr over the param groups now (the head's, under layer decay)."""
@@ -253,11 +274,11 @@ class BackboneTask(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Optional[float] = None,
                                     gradient_clip_algorithm: Optional[str] = None) -> None:
         # the Trainer's gradient_clip_val wins; otherwise the task's grad_clip_norm (global L2 norm)
-        if gradient_clip_val is None and self.hparams.get("grad_clip_norm"):
+        if gradient_clip_val is None and self.hparams.grad_clip_norm:
             gradient_clip_val, gradient_clip_algorithm = self.hparams.grad_clip_norm, "norm"
         if not gradient_clip_val:
             return
-        root = self._trainer.strategy.model if self._trainer is not None else None
+        root = self.trainer.strategy.model if self._trainer is not None else None
         if gradient_clip_algorithm in (None, "norm") and type(root).__name__ == "FullyShardedDataParallel":
             # Lightning refuses norm clipping under FSDP: clip_grad_norm_ over the local shards would be
             # wrong. The root FSDP module computes the norm over all shards.
@@ -269,99 +290,7 @@ class BackboneTask(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.model)
-
-    # ----------------------------------------------------------------- freezing
-    def _apply_freeze(self) -> None:
-        if self.uses_peft:  # apply_peft set requires_grad when the task was built; it stays so
-            return
-        hp = self.hparams
-        frozen = self.freezes_backbone and (hp.unfreeze_at_epoch is None
-                                            or self.current_epoch < hp.unfreeze_at_epoch)
-        for p in self.frozen_parameters():
-            p.requires_grad_(not frozen)
-        n = int(hp.get("freeze_blocks") or 0)
-        if n and not frozen:  # no gradient flows below block n: those blocks cost a forward pass only
-            for p in self.leading_parameters(n):
-                p.requires_grad_(False)
-        self._backbone_frozen = frozen
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "BackboneTask":
-        super().train(mode)
-        if mode and getattr(self, "_backbone_frozen", False):
-            for m in self.frozen_modules():
-                m.eval()
-            for m in self.head_modules():
-                m.train()
-        return self
-
-    # ----------------------------------------------------------------- epoch hooks
-    def on_fit_start(self) -> None:
-        self._apply_freeze()
-
-    def _reseed(self, epoch: int, batch: int = EPOCH_START) -> None:
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        if seed is not None:
-            s = step_seed(int(seed), epoch, batch, self.global_rank)
-            torch.manual_seed(s)  # also seeds every CUDA device
-            random.seed(s)
-            np.random.seed(s % 2**32)
-
-    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        # the epoch a resumed fit starts at: epochs whose training part ran (end-of-epoch checkpoints)
-        try:
-            self._start_epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-        except (KeyError, TypeError):
-            self._start_epoch = int(checkpoint.get("epoch", 0))
-
-    def on_train_epoch_start(self) -> None:
-        # Exact resume, 1: the RNG is reseeded from (PL_GLOBAL_SEED, epoch, rank) right before the train
-        # loader is iterated, so a plain DataLoader(shuffle=True) and its worker seeds are a function of
-        # (seed, epoch) too (vitmha's data modules do not need it: their keys carry the epoch). Lightning
-        # iterates the loader after this hook, except in a fit's first epoch, whose iterator is made when
-        # configure_optimizers asks for the number of steps; that epoch is seeded there.
-        if self.current_epoch != getattr(self, "_preseeded_epoch", None):
-            self._reseed(self.current_epoch)
-        self._preseeded_epoch = None
-        self._apply_freeze()
-        self.skipped_batches = 0
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Exact resume, 2: reseeded again before every training batch from (seed, epoch, batch index, rank),
-        # so dropout, drop-path and mixup draw the same numbers whether the run started here or resumed
-        # from a checkpoint written at an epoch's end or in its middle.
-        self._reseed(self.current_epoch, batch_idx)
-        self._schedule_patch_drop()
-
-    # ----------------------------------------------------------------- patch dropout schedule
-    def _check_patch_drop_schedule(self) -> None:
-        schedule = self.hparams.get("patch_drop_schedule", "constant")
-        if schedule not in PATCH_DROP_SCHEDULES:
-            raise TaskConfigError(f"patch_drop_schedule: expected one of {', '.join(PATCH_DROP_SCHEDULES)}, "
-                                  f"got {schedule!r}")
-        drop = getattr(self.backbone_module(), "patch_drop", None)
-        if schedule != "constant" and not isinstance(drop, PatchDropout):
-            raise TaskConfigError(f"patch_drop_schedule: {schedule} needs patch dropout in the backbone "
-                                  "(backbone_kwargs: {patch_drop_rate: 0.25}, say)")
-        #: the rate the backbone was built with; the schedule starts there
-        self._patch_drop_start = drop.prob if isinstance(drop, PatchDropout) else 0.0
-
-    def _schedule_patch_drop(self) -> None:
-        """``linear``: the backbone's patch-dropout rate at this optimizer step, from the built rate to 0 at the
-        last step (a function of the global step only, so a resumed run continues the same schedule)."""
-        if self.hparams.get("patch_drop_schedule", "constant") != "linear":
-            return
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        self.backbone_module().patch_drop.prob = self._patch_drop_start * max(0.0, 1.0 - self.global_step / total)
-
-    def on_train_epoch_end(self) -> None:
-        if self.hparams.nonfinite == "skip":
-            self.log("train/skipped_batches", float(self.skipped_batches), on_step=False, on_epoch=True,
-                     reduce_fx="sum", sync_dist=True)
-            if self.skipped_batches:
-                warnings.warn(f"epoch {self.current_epoch}: skipped {self.skipped_batches} batch(es) with a "
-                              "non-finite loss", RuntimeWarning, stacklevel=1)
+            self.ema.update(self.model, step=self.global_step)
 
     # ----------------------------------------------------------------- non-finite loss
     def check_loss(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
@@ -377,8 +306,168 @@ class BackboneTask(L.LightningModule):
         self.skipped_batches += 1
         return None
 
-    # ----------------------------------------------------------------- inference model
+    def log_train(self, loss: torch.Tensor, batch_size: int) -> None:
+        """``train/loss`` and ``train/lr`` of a training step."""
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def on_train_epoch_start(self) -> None:
+        self.skipped_batches = 0
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.nonfinite == "skip":
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True)
+            if self.skipped_batches:
+                warnings.warn(f"epoch {self.current_epoch}: skipped {self.skipped_batches} batch(es) with a "
+                              "non-finite loss", RuntimeWarning, stacklevel=1)
+
+    # ----------------------------------------------------------------- what the commands ask a task
+    def predict_probs(self, images: Sequence[Any], pre: Any) -> List[torch.Tensor]:
+        """Per image (as ``vitmha.inference.read_image`` gives it) the task's probabilities at the image's own
+        resolution: (C,) for classifiers, (K, H, W) for segmenters. Tasks that predict implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict labels")
+
+    def describe(self, probs: torch.Tensor, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """One image's prediction in words and arrays from its ``predict_probs`` output."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict labels")
+
+    def prediction_sink(self, output_dir: str, names: Optional[Sequence[str]] = None, top_k: int = 5,
+                        suffix: str = "", alpha: float = 0.5) -> Any:
+        """The writer of this task's prediction files (see :mod:`vitmha.predictions`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not predict labels")
+
+    def evaluation_report(self, class_names: Optional[Sequence[str]], prefix: str, trainer: Any = None,
+                          **options: Any) -> Any:
+        """The report :class:`vitmha.reports.EvaluationReport` fills from this task's eval steps, or None."""
+        return None
+
+
+class SupervisedTask(BackboneTask):
+    """Base of the tasks trained with labels: :class:`BackboneTask`'s options and these.
+
+    Args:
+        num_classes: number of classes (the CLI links it from the data module).
+        freeze_backbone: train the head only (linear probe).
+        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks
+            of the backbone frozen (no gradient is computed through them, so a step is cheaper); 0 = off.
+        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on. Under DDP the
+            unfrozen parameters are not synchronised: use it on one device.
+        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``:
+            methods ``lora``/``dora`` (keys r, alpha, targets of q k v proj fc1 fc2, dropout, rslora,
+            norms), ``bitfit`` (norms), ``vpt`` (tokens, dropout, norms), ``adapter`` (hidden, scale,
+            dropout, norms), ``linear_probe`` (= freeze_backbone) and ``full``; the backbone is frozen but
+            the method's parameters and the head (and the norms with ``norms: true``); see vitmha.peft.
+            None = full fine-tuning.
+        class_weights: per-class weights of the training loss, for rare classes: None (all 1), ``auto``
+            (inverse frequency of the train split's labels, pixels for a segmenter, positives for a
+            multi-label task, scaled to average 1 over the classes present), ``effective`` (Cui et al.'s
+            effective number of samples, beta 0.999: a milder up-weighting) or a list of ``num_classes``
+            weights. ``auto``/``effective`` are computed once when fit starts, from the data module's
+            ``train_class_counts()``, logged, and saved in the checkpoint.
+    """
+
+    def __init__(self, *, num_classes: int = 10, freeze_backbone: bool = False, freeze_blocks: int = 0,
+                 unfreeze_at_epoch: Optional[int] = None, peft: Optional[Dict[str, Any]] = None,
+                 class_weights: Optional[Union[str, List[float]]] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from vitmha.peft import PeftError, parse_peft
+
+        if num_classes < 1:
+            raise TaskConfigError(f"num_classes: must be >= 1, got {num_classes}")
+        #: the checked ``peft`` spec; None for plain fine-tuning (``peft`` None or ``{method: full}``)
+        self.peft_spec = parse_peft(peft)
+        if self.uses_peft:
+            for key, on in (("freeze_backbone", freeze_backbone), ("freeze_blocks", freeze_blocks),
+                            ("unfreeze_at_epoch", unfreeze_at_epoch is not None)):
+                if on:
+                    raise PeftError(f"peft.method {self.peft_spec.method} freezes the backbone itself; "
+                                    f"{key} does not apply (use peft {{method: linear_probe}} or full fine-tuning)")
+        if unfreeze_at_epoch is not None and not self.freezes_backbone:
+            raise TaskConfigError("unfreeze_at_epoch: needs freeze_backbone=True")
+        if int(freeze_blocks or 0) < 0:
+            raise TaskConfigError(f"freeze_blocks: must be >= 0, got {freeze_blocks}")
+        from vitmha.tasks.class_weights import init_class_weights
+
+        init_class_weights(self, num_classes)
+
+    def finish_backbone(self, bb: nn.Module) -> nn.Module:
+        """``bb`` with the task's PEFT method applied."""
+        from vitmha.peft import apply_peft
+
+        return apply_peft(bb, self.peft_spec)
+
+    def finish_init(self) -> None:
+        """Call at the end of a subclass's ``__init__``, once ``self.model`` is built: checks ``freeze_blocks``
+        against the depth, freezes what the options freeze (so the model summary counts it), starts the EMA."""
+        from vitmha.tasks.freezing import apply_freeze, leading_parameters
+
+        leading_parameters(self, int(self.hparams.freeze_blocks or 0))  # fails now when the backbone is shallower
+        apply_freeze(self, epoch=0)
+        self.attach_ema()
+
     @property
-    def inference_model(self) -> nn.Module:
-        """The EMA weights when ``ema_decay`` is set, else the trained weights."""
-        return self.ema.module if self.ema is not None else self.model
+    def freezes_backbone(self) -> bool:
+        """A linear probe: ``freeze_backbone``, or ``peft: {method: linear_probe}``, which means the same."""
+        spec = getattr(self, "peft_spec", None)
+        return bool(self.hparams.freeze_backbone) or (spec is not None and spec.method == "linear_probe")
+
+    @property
+    def uses_peft(self) -> bool:
+        """A PEFT method (lora, dora, bitfit, vpt, adapter): what trains was fixed when the task was built."""
+        spec = getattr(self, "peft_spec", None)
+        return spec is not None and spec.method != "linear_probe"
+
+    @property
+    def trains_few_parameters(self) -> bool:
+        return self.freezes_backbone or self.uses_peft
+
+    @property
+    def fixed_trainable_set(self) -> bool:
+        return self.uses_peft
+
+    def frozen_parameters(self) -> List[nn.Parameter]:
+        """Parameters frozen by ``freeze_backbone`` (the backbone's, its classifier head excepted)."""
+        return [p for n, p in self.backbone_module().named_parameters() if not n.startswith("head.")]
+
+    def frozen_modules(self) -> List[nn.Module]:
+        """Modules kept in eval mode while frozen (no dropout/drop-path)."""
+        return [self.backbone_module()]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            from vitmha.tasks.class_weights import compute_class_weights
+            from vitmha.tasks.freezing import apply_freeze
+
+            if isinstance(self.hparams.class_weights, str):
+                compute_class_weights(self)
+            apply_freeze(self, epoch=self.current_epoch)
+
+    def on_train_epoch_start(self) -> None:
+        from vitmha.tasks.freezing import apply_freeze
+
+        super().on_train_epoch_start()
+        apply_freeze(self, epoch=self.current_epoch)
+
+    def train(self, mode: bool = True) -> "SupervisedTask":
+        super().train(mode)
+        if mode and getattr(self, "backbone_frozen", False):
+            for m in self.frozen_modules():
+                m.eval()
+            for m in self.head_modules():
+                m.train()
+        return self
+
+    def loss_weight(self) -> Optional[torch.Tensor]:
+        """The per-class loss weights (C,), or None (no ``class_weights``, or ``auto`` not computed yet)."""
+        w = getattr(self, "class_weight", None)
+        return w if w is not None and bool(torch.isfinite(w).all()) else None
+
+    def train_loss_weight(self) -> Optional[torch.Tensor]:
+        """:meth:`loss_weight` for a training step: an error when ``auto`` weights were never computed."""
+        w = self.loss_weight()
+        if w is None and self.hparams.class_weights is not None:
+            raise TaskConfigError(f"class_weights: {self.hparams.class_weights!r} weights were never computed "
+                                  "(they are computed in setup('fit') from the data module)")
+        return w

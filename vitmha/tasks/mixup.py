@@ -1,34 +1,18 @@
-"""Batch-wise mixup and cutmix with soft targets (Zhang et al. 2018, Yun et al. 2019).
-
-Randomness comes from torch's global RNG only, so it follows ``torch.manual_seed`` (the tasks reseed
-it every epoch for exact resume)."""
+"""Batch-wise mixup and cutmix with soft targets (Zhang et al. 2018, Yun et al. 2019): timm's ``Mixup``."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
 
-def one_hot(target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B,) int64 class ids -> (B, num_classes) float one-hot."""
-    return F.one_hot(target, num_classes).float()
-
-
-def cutmix_box(h: int, w: int, lam: float) -> Tuple[int, int, int, int]:
-    """A random box ``(y0, y1, x0, x1)`` covering about ``1 - lam`` of an ``h x w`` image, clipped at
-    the borders (so the covered area can be smaller; :class:`Mixup` corrects lambda for it)."""
-    cut = (1.0 - lam) ** 0.5
-    ch, cw = int(h * cut), int(w * cut)
-    cy = int(torch.randint(0, h, ()).item())
-    cx = int(torch.randint(0, w, ()).item())
-    y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
-    x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
-    return y0, y1, x0, x1
-
-
 class Mixup:
-    """Mixes a batch with its reverse (``x.flip(0)``) and returns soft targets.
+    """timm's Mixup/CutMix in batch mode: the batch is mixed with its reverse (``x.flip(0)``), one lambda per
+    batch, cutmix's lambda corrected for the box clipped at the borders. Targets come back as (B, C) soft
+    targets without label smoothing (the tasks' losses smooth them). The draws come from NumPy's global
+    generator, which :class:`~vitmha.tasks.reseed.ExactResume` reseeds every batch, so resumed runs draw the
+    same. timm needs an even batch: the last image of an odd batch is left unmixed.
 
     Args:
         num_classes: number of classes of the one-hot targets.
@@ -40,45 +24,20 @@ class Mixup:
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  prob: float = 1.0, switch_prob: float = 0.5) -> None:
+        from timm.data import Mixup as TimmMixup
+
         self.num_classes = num_classes
-        self.mixup_alpha = mixup_alpha
-        self.cutmix_alpha = cutmix_alpha
-        self.prob = prob
-        self.switch_prob = switch_prob
-
-    @property
-    def enabled(self) -> bool:
-        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
-
-    def sample(self, h: int, w: int) -> Tuple[float, Optional[Tuple[int, int, int, int]]]:
-        """Draws ``(lam, box)``: lam = 1 leaves the batch as it is; box is None for mixup."""
-        if not self.enabled or torch.rand(()).item() >= self.prob:
-            return 1.0, None
-        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or torch.rand(()).item() < self.switch_prob)
-        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
-        lam = float(torch.distributions.Beta(alpha, alpha).sample().item())
-        return lam, (cutmix_box(h, w, lam) if use_cutmix else None)
-
-    def mix(self, x: torch.Tensor, target: torch.Tensor, lam: float,
-            box: Optional[Tuple[int, int, int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mixes ``x`` (B,C,H,W) and ``target`` (B,) with the reversed batch: blended with weight ``lam``,
-        or, given a cutmix ``box`` (y0, y1, x0, x1), pasted into it with lam = 1 - box area / image area.
-        Returns (mixed images, (B, num_classes) soft targets)."""
-        y = one_hot(target, self.num_classes)
-        if lam >= 1.0 and box is None:
-            return x, y
-        x_flip = x.flip(0)
-        if box is not None:
-            h, w = x.shape[-2:]
-            y0, y1, x0, x1 = box
-            x = x.clone()
-            x[..., y0:y1, x0:x1] = x_flip[..., y0:y1, x0:x1]
-            lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)  # the area actually pasted
-        else:
-            x = x * lam + x_flip * (1.0 - lam)
-        return x, y * lam + y.flip(0) * (1.0 - lam)
+        self.enabled = prob > 0 and (mixup_alpha > 0 or cutmix_alpha > 0)
+        self.timm = TimmMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+                              switch_prob=switch_prob, mode="batch", label_smoothing=0.0,
+                              num_classes=num_classes) if self.enabled else None
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Randomly mixed ``(images, soft targets)``; soft targets are one-hot when the batch is not mixed."""
-        lam, box = self.sample(*x.shape[-2:])
-        return self.mix(x, target, lam, box)
+        """(mixed images, (B, num_classes) soft targets); one-hot targets when mixing is off."""
+        if self.timm is None or len(x) < 2:
+            return x, F.one_hot(target, self.num_classes).float()
+        if len(x) % 2:
+            mixed, soft = self.timm(x[:-1].clone(), target[:-1])
+            last = F.one_hot(target[-1:], self.num_classes).to(soft)
+            return torch.cat([mixed, x[-1:]]), torch.cat([soft, last])
+        return self.timm(x.clone(), target)

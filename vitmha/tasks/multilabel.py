@@ -3,8 +3,8 @@
 One sigmoid per class, trained with binary cross-entropy or the asymmetric loss (ASL, Ridnik et al., *Asymmetric
 Loss For Multi-Label Classification*, ICCV 2021). A label is predicted when its probability is above its class's
 threshold (0.5, or tuned on the validation set to maximise each class's F1 and kept in the checkpoint).
-Also here: the scores (:func:`multilabel_scores`), the evaluation report ``vitmha test`` and tools/evaluate.py
-write, and the ``predictions.csv`` writer of ``vitmha predict`` and tools/predict.py.
+Also here: the scores (:func:`multilabel_scores`) and the evaluation report ``vitmha test`` and ``vitmha evaluate``
+write.
 """
 from __future__ import annotations
 
@@ -16,17 +16,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
-from torch import nn
 from torchmetrics import Metric
 from torchmetrics.functional.classification import (multilabel_average_precision, multilabel_f1_score,
                                                     multilabel_precision, multilabel_recall)
 from torchmetrics.utilities import dim_zero_cat
 
-from vitmha.callbacks import PredictionsCsv
-from vitmha.peft import apply_peft
-from vitmha.tasks.base import BackboneTask, build_backbone
-from vitmha.tasks.ema import ModelEma
+from vitmha.tasks.base import SupervisedTask, TaskConfigError, batch_images
 from vitmha.tasks.segmentation import _metric_key
 
 LOSSES = ("bce", "asl")
@@ -38,27 +33,15 @@ class ClassMismatchError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- losses
 def asymmetric_loss(logits: torch.Tensor, target: torch.Tensor, gamma_pos: float = 0.0, gamma_neg: float = 4.0,
-                    clip: float = 0.05, eps: float = 1e-8) -> torch.Tensor:
-    """ASL (Ridnik et al., 2021), averaged over all (B, C) elements like ``F.binary_cross_entropy_with_logits``.
+                    clip: float = 0.05, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ASL (Ridnik et al., 2021) with timm's ``AsymmetricLossMultiLabel``, averaged over all (B, C) elements like
+    ``F.binary_cross_entropy_with_logits`` (the paper sums; the mean keeps the scale of BCE); ``weight`` (C,)
+    scales each class's terms. Gammas 0 and clip 0 give BCE. ``target`` may be soft (label smoothing)."""
+    from timm.loss import AsymmetricLossMultiLabel
 
-    With p = sigmoid(logits) and the shifted probability p_m = max(p - clip, 0) of negatives:
-    ``-[y (1 - p)^gamma_pos log p + (1 - y) p_m^gamma_neg log(1 - p_m)]``. Gammas 0 and clip 0 give BCE.
-    ``target`` may be soft (label smoothing). The paper sums over elements; the mean keeps the scale of BCE.
-    """
-    x, y = logits.float(), target.float()
-    p = torch.sigmoid(x)
-    log_pos = F.logsigmoid(x)
-    if clip > 0:
-        p_neg = (p - clip).clamp(min=0)
-        log_neg = torch.log((1 - p_neg).clamp(min=eps))
-    else:
-        p_neg, log_neg = p, F.logsigmoid(-x)
-    loss_pos, loss_neg = y * log_pos, (1 - y) * log_neg
-    if gamma_pos > 0:
-        loss_pos = loss_pos * (1 - p).pow(gamma_pos)
-    if gamma_neg > 0:
-        loss_neg = loss_neg * p_neg.pow(gamma_neg)
-    return -(loss_pos + loss_neg).mean()
+    fn = AsymmetricLossMultiLabel(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, reduction="mean",
+                                  weight=None if weight is None else weight.float().view(1, -1))
+    return fn.to(logits.device)(logits, target)
 
 
 # ----------------------------------------------------------------------------------------------- scores
@@ -131,8 +114,8 @@ def _names(names: Optional[Sequence[str]], k: int) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------------- task
-class MultiLabelClassifier(BackboneTask):
-    """A vision transformer that predicts any number of labels per image: ``forward(x)`` (B,3,H,W) -> logits
+class MultiLabelClassifier(SupervisedTask):
+    """A vision transformer that predicts any number of labels per image: ``forward(x)`` (B,C,H,W) -> logits
     (B, num_classes), one sigmoid per class. Targets are (B, C) 0/1.
 
     Logs ``train/loss``, ``val/loss``, ``val/map`` (macro average precision, the checkpoint monitor),
@@ -141,17 +124,14 @@ class MultiLabelClassifier(BackboneTask):
     probability is above its threshold. With ``tune_thresholds`` each validation during ``fit`` picks every
     class's threshold to maximise its F1 on the validation set; ``val/f1`` is then measured at thresholds tuned
     on the same images (optimistic), ``test/f1`` on held-out ones. The thresholds are a buffer of the task,
-    saved in its checkpoints. With ``ema_decay`` set, evaluation uses the EMA weights.
+    saved in its checkpoints. ``class_weights`` scale each class's loss terms (``auto``: inverse frequency of
+    the positives). Every option of :class:`~vitmha.tasks.base.SupervisedTask` and
+    :class:`~vitmha.tasks.base.BackboneTask` applies too.
 
     Args:
-        backbone: timm ViT architecture name, e.g. ``vit_small_patch16_224``.
-        num_classes: number of labels (the CLI links it from the data module).
         class_names: label names, for ``test/ap_<name>``, reports and predictions; default the data module's
             ``classes`` (filled in at setup and saved in the checkpoint).
-        pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
-        backbone_kwargs: overrides for ``vitmha.create_backbone`` (img_size, patch_size, depth, ...). From
-            scratch ``weight_init`` defaults to ``jax`` (big_vision's init).
-        loss: ``bce`` (binary cross-entropy with logits) or ``asl`` (asymmetric loss).
+        loss: ``bce`` (binary cross-entropy with logits) or ``asl`` (asymmetric loss, timm's).
         asl_gamma_pos: ASL focusing parameter of positives (the paper's gamma+ = 0).
         asl_gamma_neg: ASL focusing parameter of negatives (the paper's gamma- = 4).
         asl_clip: ASL probability margin m of negatives (the paper's 0.05).
@@ -159,90 +139,35 @@ class MultiLabelClassifier(BackboneTask):
         threshold: the initial decision threshold, one for all classes or a list with one per class.
         tune_thresholds: after each validation in ``fit``, set each class's threshold to maximise its F1 on
             the validation set (a class without a positive there keeps its threshold).
-        lr: peak learning rate of AdamW; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
-        weight_decay: AdamW weight decay (not applied to norms, biases, tokens, position embeddings).
-        layer_decay: layer-wise lr decay; 1.0 = off.
-        warmup_epochs: linear warmup length in epochs (may be fractional).
-        warmup_steps: warmup length in optimizer steps; overrides ``warmup_epochs``.
-        min_lr: lr at the end of the schedule.
-        scheduler: ``cosine``, ``poly`` (power 0.9) or ``constant`` after warmup, stepped every step.
-        drop_path_rate: stochastic depth rate; None keeps the architecture's default.
-        freeze_backbone: train the classifier head only (linear probe).
-        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks frozen.
-        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on (single device).
-        ema_decay: keep an EMA of the weights with this decay and evaluate with it.
         tta_hflip: validate, test and predict on each image and its mirror image, averaging the probabilities.
-        grad_checkpointing: recompute block activations in backward to save memory.
-        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
-            ``gradient_clip_val``; None = no clipping.
-        nonfinite: on a NaN/inf training loss, ``error`` raises naming the epoch and step; ``skip`` skips it.
-        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``
-            (as ImageClassifier); None = full fine-tuning.
     """
 
     task = "multilabel"
     monitor = "val/map"
-    losses = LOSSES  # BackboneTask checks ``loss`` against these
 
-    def __init__(
-        self,
-        backbone: str = "vit_tiny_patch16_224",
-        num_classes: int = 10,
-        class_names: Optional[List[str]] = None,
-        pretrained: Union[bool, str] = False,
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        loss: str = "bce",
-        asl_gamma_pos: float = 0.0,
-        asl_gamma_neg: float = 4.0,
-        asl_clip: float = 0.05,
-        label_smoothing: float = 0.0,
-        threshold: Union[float, List[float]] = 0.5,
-        tune_thresholds: bool = False,
-        lr: Optional[float] = None,
-        weight_decay: float = 0.05,
-        layer_decay: float = 1.0,
-        warmup_epochs: float = 5.0,
-        warmup_steps: Optional[int] = None,
-        min_lr: float = 1e-6,
-        scheduler: str = "cosine",
-        drop_path_rate: Optional[float] = None,
-        freeze_backbone: bool = False,
-        freeze_blocks: int = 0,
-        unfreeze_at_epoch: Optional[int] = None,
-        ema_decay: Optional[float] = None,
-        tta_hflip: bool = False,
-        grad_checkpointing: bool = False,
-        grad_clip_norm: Optional[float] = 1.0,
-        nonfinite: str = "error",
-        peft: Optional[Dict[str, Any]] = None,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self._check_common_args()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    def __init__(self, *, class_names: Optional[List[str]] = None, loss: str = "bce", asl_gamma_pos: float = 0.0,
+                 asl_gamma_neg: float = 4.0, asl_clip: float = 0.05, label_smoothing: float = 0.0,
+                 threshold: Union[float, List[float]] = 0.5, tune_thresholds: bool = False, tta_hflip: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        num_classes = int(self.hparams.num_classes)
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise TaskConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
         if min(asl_gamma_pos, asl_gamma_neg) < 0 or not 0 <= asl_clip < 1:
-            raise ValueError(f"ASL needs gammas >= 0 and 0 <= clip < 1, got gamma_pos={asl_gamma_pos}, "
-                             f"gamma_neg={asl_gamma_neg}, clip={asl_clip}")
+            raise TaskConfigError(f"asl: needs gammas >= 0 and 0 <= clip < 1, got gamma_pos={asl_gamma_pos}, "
+                                  f"gamma_neg={asl_gamma_neg}, clip={asl_clip}")
         if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise TaskConfigError(f"label_smoothing: must be in [0, 1), got {label_smoothing}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+            raise TaskConfigError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
         thr = torch.as_tensor(threshold, dtype=torch.float32).flatten()
         if thr.numel() == 1:
             thr = thr.expand(num_classes).clone()
         if thr.numel() != num_classes or not bool(((thr >= 0) & (thr <= 1)).all()):
-            raise ValueError(f"threshold must be one value or {num_classes} values in [0, 1], got {threshold}")
+            raise TaskConfigError(f"threshold: expected one value or {num_classes} values in [0, 1], got {threshold}")
         self.register_buffer("thresholds", thr)  # (C,): in the state dict, so in every checkpoint
-
-        self.model = build_backbone(backbone, pretrained, backbone_kwargs, drop_path_rate, num_classes=num_classes)
-        apply_peft(self.model, self.peft_spec)
-        self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
-        if grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
-        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.model = self.finish_backbone(self.build_backbone(num_classes=num_classes))
+        self.finish_init()
         self.val_scores = _ProbsAndTargets()
         self.test_scores = _ProbsAndTargets()
 
@@ -250,13 +175,6 @@ class MultiLabelClassifier(BackboneTask):
     def class_names(self) -> List[str]:
         """The label names (``class_names``, else "0", "1", ...)."""
         return _names(self.hparams.get("class_names"), int(self.hparams.num_classes))
-
-    def frozen_parameters(self) -> List[nn.Parameter]:
-        return [p for n, p in self.model.named_parameters() if not n.startswith("head.")]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) -> logits (B, num_classes); the EMA weights in eval mode when ``ema_decay`` is set."""
-        return (self.model if self.training else self.inference_model)(x)
 
     # ------------------------------------------------------------------------------ class names
     def setup(self, stage: str) -> None:
@@ -282,23 +200,24 @@ class MultiLabelClassifier(BackboneTask):
                                      "its outputs would be read as the wrong labels")
 
     # ------------------------------------------------------------------------------ loss and steps
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The training loss of (B, C) logits against (B, C) 0/1 targets (``loss``, label smoothing applied)."""
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of (B, C) logits against (B, C) 0/1 targets (``loss``, label smoothing applied), each class's
+        terms scaled by ``weight`` (C,) when given."""
         hp = self.hparams
         y = target.float()
         if hp.label_smoothing > 0:
             y = y * (1 - hp.label_smoothing) + hp.label_smoothing / 2
         if hp.loss == "asl":
-            return asymmetric_loss(logits, y, hp.asl_gamma_pos, hp.asl_gamma_neg, hp.asl_clip)
-        return F.binary_cross_entropy_with_logits(logits.float(), y)
+            return asymmetric_loss(logits, y, hp.asl_gamma_pos, hp.asl_gamma_neg, hp.asl_clip, weight)
+        w = None if weight is None else weight.to(logits.device).float().view(1, -1)
+        return F.binary_cross_entropy_with_logits(logits.float(), y, weight=w)
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
-        loss = self.check_loss(self.loss(self.model(x), y))
+        loss = self.check_loss(self.loss(self.model(x), y, self.train_loss_weight()))
         if loss is None:
             return None
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_train(loss, x.shape[0])
         return loss
 
     def eval_probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,18 +272,39 @@ class MultiLabelClassifier(BackboneTask):
         self._log_scores(self.test_scores, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
-        """``{"path": list[str] | None, "probs": (B, C), "pred": (B, C) bool (probs > thresholds)}``; accepts a
-        predict dict with an ``image`` key, an ``(image, target)`` tuple, or a bare image tensor."""
-        if isinstance(batch, dict):
-            x, paths = batch["image"], batch.get("path")
-        elif isinstance(batch, (tuple, list)):
-            x, paths = batch[0], None
-        else:
-            x, paths = batch, None
-        probs = self.eval_probs(x)
-        return {"path": paths, "probs": probs, "pred": probs > self.thresholds.to(probs)}
+        """``{"path": list[str] | None, "probs": (B, C), "pred": (B, C) bool (probs > thresholds), "outputs"}``;
+        accepts a predict dict with an ``image`` key, an ``(image, target)`` tuple, or a bare image tensor."""
+        probs = self.eval_probs(batch_images(batch))
+        paths = batch.get("path") if isinstance(batch, dict) else None
+        return {"path": paths, "probs": probs, "pred": probs > self.thresholds.to(probs),
+                "outputs": [{"probs": p} for p in probs.cpu()]}
 
-    def evaluation_report(self, class_names: Optional[Sequence[str]], prefix: str) -> "MultiLabelReport":
+    # ----------------------------------------------------------------- what the commands ask a task
+    def predict_probs(self, images: Sequence[Any], pre: Any) -> List[torch.Tensor]:
+        """(C,) label probabilities per image, preprocessed as the run's validation data."""
+        from vitmha.inference import eval_transform
+
+        transform = eval_transform(pre, "classification")
+        x = torch.stack([transform(image=im)["image"] for im in images]).to(self.device)
+        with torch.no_grad():
+            return list(self.eval_probs(x).cpu())
+
+    def describe(self, probs: torch.Tensor, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """``{"labels": the names above their thresholds (most probable first), "indices", "probs" (C,)}``."""
+        p = torch.as_tensor(probs).float()
+        names = list(names) if names else self.class_names
+        above = [int(i) for i in torch.argsort(p, descending=True) if p[i] > self.thresholds[i].cpu()]
+        return {"labels": [str(names[i]) for i in above], "indices": above, "probs": p.numpy()}
+
+    def prediction_sink(self, output_dir: str, names: Optional[Sequence[str]] = None, top_k: int = 5,
+                        suffix: str = "", alpha: float = 0.5) -> Any:
+        from vitmha.predictions import MultiLabelPredictionsCsv
+
+        return MultiLabelPredictionsCsv(f"{output_dir}/predictions{suffix}.csv", list(names or self.class_names),
+                                        self.thresholds)
+
+    def evaluation_report(self, class_names: Optional[Sequence[str]], prefix: str, trainer: Any = None,
+                          **options: Any) -> "MultiLabelReport":
         """The report :class:`vitmha.reports.EvaluationReport` fills from this task's eval steps."""
         return MultiLabelReport(int(self.hparams.num_classes), class_names or self.class_names,
                                 self.thresholds.detach().cpu(), prefix)
@@ -440,52 +380,3 @@ class MultiLabelReport:
             "metrics": {k: finite(v) for k, v in r["metrics"].items()}, "classes": self.class_names,
             "thresholds": [float(t) for t in r["thresholds"]]}, indent=2) + "\n")
         return {"per_class": path, "summary": summary}
-
-
-# ----------------------------------------------------------------------------------------------- predictions
-class MultiLabelPredictionsCsv(PredictionsCsv):
-    """``predictions.csv`` of a multi-label model: one row per image, ``path, labels, probs, prob_<class>...``;
-    ``labels`` are the classes above their thresholds joined by ``;`` (most probable first, empty for none),
-    ``probs`` their probabilities in the same order, then every class's probability. Written to a temporary
-    file and renamed into place by ``close`` (:class:`vitmha.callbacks.PredictionsCsv`'s file handling). The one
-    writer behind ``vitmha predict`` and tools/predict.py."""
-
-    def __init__(self, path: str, names: Sequence[str], thresholds: torch.Tensor) -> None:
-        super().__init__(path, top_k=len(names), names=names)
-        self.thresholds = thresholds.detach().float().cpu()
-        self._writer.writerow(["path", "labels", "probs"] + [f"prob_{n}" for n in self.names])
-        self._header = True
-
-    def write(self, paths: Sequence[str], probs: torch.Tensor) -> None:
-        """Rows for ``paths`` from their (B, C) probabilities."""
-        probs = probs.detach().float().cpu()
-        for path, p in zip(paths, probs):
-            above = [int(i) for i in torch.argsort(p, descending=True) if p[i] > self.thresholds[i]]
-            self._writer.writerow([path, ";".join(self.names[i] for i in above),
-                                   ";".join(f"{float(p[i]):.4f}" for i in above)] + [f"{float(v):.6f}" for v in p])
-        self._file.flush()
-
-
-class MultiLabelPredictionWriter(BasePredictionWriter):
-    """Writes ``<output_dir>/predictions.csv`` (:class:`MultiLabelPredictionsCsv`) from a
-    :class:`MultiLabelClassifier`'s ``predict_step``, with the task's thresholds and class names."""
-
-    def __init__(self, output_dir: str) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-        self._csv: Optional[MultiLabelPredictionsCsv] = None
-
-    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        self._csv = MultiLabelPredictionsCsv(os.path.join(self.output_dir, f"predictions{suffix}.csv"),
-                                             pl_module.class_names, pl_module.thresholds)
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        probs = prediction["probs"]
-        paths = prediction.get("path") or [f"batch{batch_idx:05d}_{i:03d}" for i in range(len(probs))]
-        self._csv.write([str(p) for p in paths], probs)
-
-    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._csv is not None:
-            self._csv.close()
-            self._csv = None

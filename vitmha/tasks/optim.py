@@ -161,76 +161,14 @@ def steps_per_epoch(trainer: Any) -> Optional[float]:
     return math.ceil(n / trainer.accumulate_grad_batches)
 
 
-class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2020, *Large Batch Optimization for Deep Learning*): Adam's bias-corrected update
-    ``u = m̂ / (√v̂ + eps) + weight_decay * w``, scaled per parameter tensor by the trust ratio
-    ``‖w‖ / ‖u‖`` (1 when either norm is 0), then ``w -= lr * ratio * u``.
-
-    As in NVIDIA's and timm's implementations the trust ratio is applied only to groups with weight decay
-    (norms, biases and tokens take plain Adam steps) unless ``always_adapt``. No gradient-norm clipping
-    inside: the tasks clip globally (``grad_clip_norm``). Under FSDP with sharded parameters the norms are
-    those of the local shard.
-
-    Args:
-        params: parameters or parameter groups.
-        lr: learning rate.
-        betas: decay rates of the first and second moment estimates.
-        eps: added to √v̂.
-        weight_decay: decoupled weight decay (added to the update before the trust ratio).
-        always_adapt: apply the trust ratio to groups without weight decay too.
-    """
-
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, always_adapt: bool = False) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Lamb: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      always_adapt=always_adapt))
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
-                dtype = torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype  # fp32 moments
-                grad = p.grad.to(dtype)
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = float(state["step"])
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                update = (m / (1 - beta1 ** t)) / (v / (1 - beta2 ** t)).sqrt().add_(group["eps"])
-                w = p.to(dtype)
-                if wd != 0:
-                    update.add_(w, alpha=wd)
-                if wd != 0 or group["always_adapt"]:
-                    w_norm, u_norm = w.norm(), update.norm()
-                    ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                    update.mul_(ratio)
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
-        return loss
-
-
 def make_optimizer(name: str, groups: List[Dict[str, Any]], *, lr: float, momentum: float = 0.9,
-                   nesterov: bool = False) -> torch.optim.Optimizer:
+                   nesterov: bool = False, betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
     """The optimiser ``name`` (``adamw``, ``sgd`` or ``lamb``) over ``groups``, whose ``lr`` and
-    ``weight_decay`` entries it keeps. AdamW and LAMB decay decoupled from the gradient (betas 0.9, 0.999);
-    SGD adds ``weight_decay * w`` to the gradient (L2), with ``momentum`` and optionally Nesterov momentum.
-    Raises ValueError for an unknown name or Nesterov without momentum."""
+    ``weight_decay`` entries it keeps. AdamW decays decoupled from the gradient; LAMB is timm's (Adam's update
+    plus ``weight_decay * w``, scaled per tensor by the trust ratio in the groups with weight decay; no clipping
+    of its own: the tasks clip the global norm); SGD adds ``weight_decay * w`` to the gradient (L2), with
+    ``momentum`` and optionally Nesterov momentum. Raises ValueError for an unknown name or Nesterov without
+    momentum."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name == "adamw":
@@ -238,9 +176,11 @@ def make_optimizer(name: str, groups: List[Dict[str, Any]], *, lr: float, moment
         # ~3x faster (benchmarks/optimizer.py: 5.1 vs 16.2 ms a step for a ViT-Ti). Plain CPU parameters
         # only: GPUs keep torch's default, FSDP's flat parameters the loop.
         fused = all(type(p) is nn.Parameter and p.device.type == "cpu" for g in groups for p in g["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=True if fused else None)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if fused else None)
     if name == "lamb":
-        return Lamb(groups, lr=lr, betas=(0.9, 0.999))
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(betas), max_grad_norm=None)
     if nesterov and momentum <= 0:
         raise ValueError(f"nesterov needs momentum > 0, got momentum={momentum}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
@@ -258,11 +198,12 @@ def build_optimizer(
     optimizer: str = "adamw",
     momentum: float = 0.9,
     nesterov: bool = False,
+    betas: Tuple[float, float] = (0.9, 0.999),
 ) -> Dict[str, Any]:
     """The optimiser (:func:`make_optimizer`) over ``groups`` and a LambdaLR stepped every optimizer step,
     in the dict form that ``LightningModule.configure_optimizers`` returns. Total steps come from
     ``module.trainer.estimated_stepping_batches``; ``warmup_steps`` overrides ``warmup_epochs``."""
-    opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum, nesterov=nesterov, betas=betas)
     trainer = module.trainer
     total = int(trainer.estimated_stepping_batches)
     if warmup_steps is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,10 +10,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from vitmha.heads.segmentation import HEADS, build_head, run_head
-from vitmha.peft import apply_peft
-from vitmha.tasks.base import BackboneTask, build_backbone
-from vitmha.tasks.ema import ModelEma
-from vitmha.tasks.losses import focal_loss
+from vitmha.tasks.base import SupervisedTask, TaskConfigError, build_backbone
+from vitmha.tasks.losses import LOSSES, focal_loss
 
 
 def segmentation_scores(confusion: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -97,126 +95,63 @@ def _metric_key(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_.-]+", "_", name.strip()) or "class"
 
 
-class SemanticSegmenter(BackboneTask):
-    """Semantic segmentation: ``forward(x)`` (B,3,H,W) -> logits (B, num_classes, H, W).
+class SemanticSegmenter(SupervisedTask):
+    """Semantic segmentation: ``forward(x)`` (B,C,H,W) -> logits (B, num_classes, H, W).
 
     Logs ``train/loss``, ``val/loss``, ``val/miou``, ``val/pixel_acc``, ``val/dice`` (macro Dice = F1 over
     classes), ``val/iou_<class name or index>`` and the same under ``test/``. Metrics come from a confusion
     matrix accumulated over the epoch without ``ignore_index`` pixels. mIoU and Dice average over the
     classes present in the target or the prediction (a class whose union is empty is NaN and left out of
-    the mean, as in mmseg). With ``ema_decay`` set, evaluation uses the EMA weights.
+    the mean, as in mmseg). With ``ema_decay`` set, evaluation uses the EMA weights. Every option of
+    :class:`~vitmha.tasks.base.SupervisedTask` and :class:`~vitmha.tasks.base.BackboneTask` applies too;
+    ``backbone_kwargs.dynamic_img_size`` defaults to True here so that any image size works, and the head
+    always trains at the full learning rate.
 
     Args:
-        backbone: timm ViT architecture name.
-        num_classes: number of classes (the CLI links it from the data module).
         head: decoder: ``linear``, ``mask_transformer`` (Segmenter), ``uper`` (UPerNet on a simple
             feature pyramid) or ``setr_pup``.
         head_kwargs: extra arguments of the head (e.g. ``channels`` for uper/setr_pup, ``num_layers``).
         class_names: names for the per-class IoU metrics; default the class indices.
-        pretrained: False, True (timm's pretrained config, offline cache) or a weights file path.
-        backbone_kwargs: overrides for ``vitmha.create_backbone``; ``dynamic_img_size`` defaults to True
-            here so that any image size works; from scratch ``weight_init`` defaults to ``jax``.
         ignore_index: target value that is left out of the loss and the metrics.
         dice_weight: weight of a soft Dice loss added to the cross-entropy; 0 = off.
-        lr: peak learning rate of the optimiser; None = 1e-4 when fine-tuning pretrained weights, else 1e-3.
-        weight_decay: weight decay (not on norms, biases, tokens, position embeddings, nor on what any
-            module lists in ``no_weight_decay()``, e.g. Segmenter's class embeddings).
-        layer_decay: layer-wise lr decay of the backbone; the head always gets the full lr.
-        warmup_epochs: linear warmup in epochs (may be fractional).
-        warmup_steps: warmup in optimizer steps; overrides ``warmup_epochs``.
-        min_lr: lr at the end of the schedule.
-        scheduler: ``poly`` (power 0.9), ``cosine`` or ``constant`` after warmup, stepped every step.
         slide_window: evaluate/predict with sliding windows of this size (e.g. the training crop size)
             instead of one forward pass over the whole image.
         slide_stride: stride of the sliding windows; default 2/3 of the window.
-        drop_path_rate: stochastic depth rate of the backbone; None keeps the architecture's default.
-        freeze_backbone: train the head only.
-        freeze_blocks: keep the patch embedding, position embedding, prefix tokens and the first N blocks
-            of the backbone frozen (no gradient is computed through them, so a step is cheaper); 0 = off.
-        unfreeze_at_epoch: with ``freeze_backbone``, train everything from this epoch on (single device).
-        ema_decay: keep an EMA of the weights with this decay and evaluate with it.
-        grad_checkpointing: recompute backbone block activations in backward to save memory.
-        grad_clip_norm: clip the global gradient norm to this value unless the Trainer sets
-            ``gradient_clip_val``; None = no clipping (default 1.0, as big_vision).
-        nonfinite: on a NaN/inf training loss, ``error`` raises naming epoch and step; ``skip`` skips the
-            batch and logs ``train/skipped_batches``.
-        peft: parameter-efficient fine-tuning, e.g. ``{method: lora, r: 8, alpha: 16, targets: [q, v]}``:
-            methods ``lora``/``dora`` (keys r, alpha, targets of q k v proj fc1 fc2, dropout, rslora,
-            norms), ``bitfit`` (norms), ``vpt`` (tokens, dropout, norms), ``adapter`` (hidden, scale,
-            dropout, norms), ``linear_probe`` (= freeze_backbone) and ``full``; the backbone is frozen but
-            the method's parameters and the head (and the norms with ``norms: true``); see vitmha.peft.
-            None = full fine-tuning.
-        class_weights: per-class weights of the pixel loss, for rare classes: None (all 1), ``auto`` (inverse
-            pixel frequency over the train masks, ``ignore_index`` left out, scaled to average 1 over the
-            classes present), ``effective`` (Cui et al.'s effective number, beta 0.999) or a list of
-            ``num_classes`` weights. Computed once when fit starts (the train masks are read once), logged,
-            and saved in the checkpoint. With weights the loss is the weighted mean over pixels.
         loss: ``ce`` (cross-entropy) or ``focal`` (focal loss, Lin et al. 2017; gamma 0 = cross-entropy);
-            the Dice term (``dice_weight``) is added to either, unweighted.
+            the Dice term (``dice_weight``) is added to either, unweighted. With ``class_weights`` the loss is
+            the weighted mean over pixels.
         focal_gamma: focusing parameter of the focal loss.
-        optimizer: ``adamw``, ``sgd`` (with ``momentum``, optionally Nesterov) or ``lamb``.
-        momentum: SGD momentum.
-        nesterov: Nesterov momentum for SGD.
+        warmup_epochs: linear warmup in epochs (may be fractional); 1 here.
+        scheduler: ``poly`` (power 0.9) here, or ``cosine`` or ``constant``.
     """
 
     task = "segmentation"
     monitor = "val/miou"
 
-    def __init__(
-        self,
-        backbone: str = "vit_tiny_patch16_224",
-        num_classes: int = 2,
-        head: str = "linear",
-        head_kwargs: Optional[Dict[str, Any]] = None,
-        class_names: Optional[List[str]] = None,
-        pretrained: Union[bool, str] = False,
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        ignore_index: int = 255,
-        dice_weight: float = 0.0,
-        lr: Optional[float] = None,
-        weight_decay: float = 0.05,
-        layer_decay: float = 1.0,
-        warmup_epochs: float = 1.0,
-        warmup_steps: Optional[int] = None,
-        min_lr: float = 1e-6,
-        scheduler: str = "poly",
-        slide_window: Optional[int] = None,
-        slide_stride: Optional[int] = None,
-        drop_path_rate: Optional[float] = None,
-        freeze_backbone: bool = False,
-        freeze_blocks: int = 0,
-        unfreeze_at_epoch: Optional[int] = None,
-        ema_decay: Optional[float] = None,
-        grad_checkpointing: bool = False,
-        grad_clip_norm: Optional[float] = 1.0,
-        nonfinite: str = "error",
-        peft: Optional[Dict[str, Any]] = None,
-        class_weights: Optional[Union[str, List[float]]] = None,
-        loss: str = "ce",
-        focal_gamma: float = 2.0,
-        optimizer: str = "adamw",
-        momentum: float = 0.9,
-        nesterov: bool = False,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self._check_common_args()
+    def __init__(self, *, head: str = "linear", head_kwargs: Optional[Dict[str, Any]] = None,
+                 class_names: Optional[List[str]] = None, ignore_index: int = 255, dice_weight: float = 0.0,
+                 slide_window: Optional[int] = None, slide_stride: Optional[int] = None, loss: str = "ce",
+                 focal_gamma: float = 2.0, num_classes: int = 2, warmup_epochs: float = 1.0,
+                 scheduler: str = "poly", **kwargs: Any) -> None:
+        super().__init__(num_classes=num_classes, warmup_epochs=warmup_epochs, scheduler=scheduler, **kwargs)
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (background counts as a class), got {num_classes}")
-        self._init_class_weights(num_classes)
+            raise TaskConfigError(f"num_classes: must be >= 2 (background counts as a class), got {num_classes}")
         if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+            raise TaskConfigError(f"head: expected one of {', '.join(HEADS)}, got {head!r}")
+        if loss not in LOSSES:
+            raise TaskConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+            raise TaskConfigError(f"class_names: {len(class_names)} names for num_classes={num_classes}")
         if 0 <= ignore_index < num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is a class index (num_classes={num_classes})")
-        kwargs = {"dynamic_img_size": True, **(backbone_kwargs or {})}
-        bb = apply_peft(build_backbone(backbone, pretrained, kwargs, drop_path_rate, num_classes=0), self.peft_spec)
-        if grad_checkpointing:
+            raise TaskConfigError(f"ignore_index: {ignore_index} is a class index (num_classes={num_classes})")
+        kwargs_bb = {"dynamic_img_size": True, **(self.hparams.backbone_kwargs or {})}
+        hp = self.hparams
+        bb = build_backbone(hp.backbone, hp.pretrained, kwargs_bb, hp.drop_path_rate, num_classes=0)
+        if hp.grad_checkpointing:
             bb.set_grad_checkpointing(True)
+        bb = self.finish_backbone(bb)
         self.model = SegmentationModel(bb, build_head(head, bb, num_classes, **(head_kwargs or {})))
-        self.leading_parameters(freeze_blocks)  # fails now, not at fit time, when the backbone is shallower
-        self.ema = ModelEma(self.model, ema_decay) if ema_decay is not None else None
+        self.finish_init()
         self.class_keys = [_metric_key(n) for n in class_names] if class_names else [str(i) for i in range(num_classes)]
         self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
         self.test_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index)
@@ -229,17 +164,16 @@ class SemanticSegmenter(BackboneTask):
     def head_modules(self) -> List[nn.Module]:
         return [self.model.head]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) -> logits (B,K,H,W); the EMA weights in eval mode when ``ema_decay`` is set."""
-        return (self.model if self.training else self.inference_model)(x)
+    def frozen_parameters(self) -> List[nn.Parameter]:
+        return list(self.backbone_module().parameters())
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-entropy (or focal loss) averaged over non-ignored pixels, weighted by ``weight`` (C,) when
         given (0 when no pixel counts) + ``dice_weight`` * Dice."""
         hp = self.hparams
         logits = logits.float()
-        if hp.get("loss", "ce") == "focal" or weight is not None:
-            gamma = float(hp.focal_gamma) if hp.get("loss", "ce") == "focal" else 0.0
+        if hp.loss == "focal" or weight is not None:
+            gamma = float(hp.focal_gamma) if hp.loss == "focal" else 0.0
             loss = focal_loss(logits, target, gamma=gamma, weight=weight, ignore_index=hp.ignore_index)
         else:
             valid = (target != hp.ignore_index).sum()
@@ -265,11 +199,10 @@ class SemanticSegmenter(BackboneTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
-        loss = self.check_loss(self.loss(self.model(x), y, self._train_loss_weight()))
+        loss = self.check_loss(self.loss(self.model(x), y, self.train_loss_weight()))
         if loss is None:
             return None
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
-        self.log("train/lr", self.current_peak_lr(), on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log_train(loss, x.shape[0])
         return loss
 
     def _eval_step(self, batch: Any, confusion: MulticlassConfusionMatrix, stage: str) -> Dict[str, torch.Tensor]:
@@ -304,7 +237,7 @@ class SemanticSegmenter(BackboneTask):
         self._log_scores(self.test_confmat, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Dict[str, Any]:
-        """``{"path": list[str] | None, "mask": list of (H_i, W_i) int64 class maps}``, each at the
+        """``{"path": list[str] | None, "mask": list of (H_i, W_i) int64 class maps, "outputs"}``, each at the
         image's ``orig_size`` when the batch gives one (logits resized bilinearly, then argmax)."""
         if isinstance(batch, dict):
             x, paths, sizes = batch["image"], batch.get("path"), batch.get("orig_size")
@@ -317,4 +250,64 @@ class SemanticSegmenter(BackboneTask):
             if sizes is not None:
                 li = F.interpolate(li, size=tuple(int(s) for s in sizes[i]), mode="bilinear", align_corners=False)
             masks.append(li.argmax(1)[0])
-        return {"path": paths, "mask": masks}
+        return {"path": paths, "mask": masks, "outputs": [{"mask": m.cpu().numpy()} for m in masks]}
+
+    # ----------------------------------------------------------------- what the commands ask a task
+    eval_outputs = predict_logits  # what evaluation scores (the robustness sweep too)
+
+    def attack_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """(summed per-pixel cross-entropy of the evaluation logits over non-ignored pixels, None)."""
+        ignore = int(self.hparams.ignore_index)
+        return F.cross_entropy(self.predict_logits(x).float(), y, ignore_index=ignore, reduction="sum"), None
+
+    def predict_probs(self, images: Sequence[Any], pre: Any, mode: str = "auto") -> List[torch.Tensor]:
+        """Per image its (K, H, W) class probabilities at the image's own size: ``resize`` to the training size
+        and back, ``slide`` windows of the training (or ``slide_window``) size over the full image, or
+        ``auto``: slide only over images larger than the window."""
+        from vitmha.inference import eval_transform, normalize_only
+
+        if mode not in ("auto", "resize", "slide"):
+            raise TaskConfigError(f"mode: expected auto, resize or slide, got {mode!r}")
+        window = int(self.hparams.slide_window or pre.image_size)
+        out: List[Optional[torch.Tensor]] = [None] * len(images)
+        resize = []
+        with torch.no_grad():
+            for i, img in enumerate(images):
+                h, w = img.shape[:2]
+                if mode == "slide" or (mode == "auto" and (h > window or w > window)):
+                    x = normalize_only(img, pre)[None].to(self.device)
+                    out[i] = self.sliding_window_inference(x, window=window)[0].float().softmax(0).cpu()
+                else:
+                    resize.append(i)
+            if resize:
+                transform = eval_transform(pre, "segmentation")
+                x = torch.stack([transform(image=images[i])["image"] for i in resize]).to(self.device)
+                logits = self.inference_model(x).float()
+                for j, i in enumerate(resize):
+                    h, w = images[i].shape[:2]
+                    li = F.interpolate(logits[j:j + 1], size=(h, w), mode="bilinear", align_corners=False)
+                    out[i] = li[0].softmax(0).cpu()
+        return out  # type: ignore[return-value]
+
+    def describe(self, probs: torch.Tensor, names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        """``{"mask": (H, W) int64 class indices, "classes": {name: pixels} of the classes present}``."""
+        mask = torch.as_tensor(probs).argmax(0).numpy().astype("int64")
+        names = list(names) if names else [str(i) for i in range(int(self.hparams.num_classes))]
+        ids, counts = torch.unique(torch.from_numpy(mask), return_counts=True)
+        return {"mask": mask, "classes": {str(names[int(i)]) if int(i) < len(names) else str(int(i)): int(c)
+                                          for i, c in zip(ids, counts)}}
+
+    def prediction_sink(self, output_dir: str, names: Optional[Sequence[str]] = None, top_k: int = 5,
+                        suffix: str = "", alpha: float = 0.5) -> Any:
+        from vitmha.predictions import MaskFiles
+
+        return MaskFiles(output_dir, alpha)
+
+    def evaluation_report(self, class_names: Optional[Sequence[str]], prefix: str, trainer: Any = None,
+                          **options: Any) -> Any:
+        from vitmha.reports import SegmentationReport, report_mean_std, train_counts
+
+        k = int(self.hparams.num_classes)
+        mean, std = report_mean_std(trainer, self)
+        return SegmentationReport(k, class_names, self.class_keys, int(self.hparams.ignore_index), prefix,
+                                  int(options.get("num_samples", 6)), mean, std, train_counts(trainer, self, k))
