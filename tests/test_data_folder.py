@@ -151,8 +151,57 @@ def test_skip_bad_files_warns_once_with_the_count(tmp_path):
         warnings.simplefilter("always")
         dm.setup("fit")
     msgs = [str(x.message) for x in w if "skip_bad_files" in str(x.message)]
-    assert len(msgs) == 1 and "skipping 2 bad file(s)" in msgs[0]
+    assert len(msgs) == 1 and f"skipped 2 file(s) under {tmp_path}: " in msgs[0]
+    assert "1 × unreadable image (e.g. train/cat/0.png)" in msgs[0]
+    assert "1 × unsupported file type (e.g. train/dog/x.txt)" in msgs[0]
     assert len(dm.datasets["train"]) == 5
+
+
+def _info_lines(caplog):
+    return [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+
+
+def test_hidden_and_system_files_are_skipped_and_said_once_grouped_by_reason(tmp_path, caplog):
+    """A folder as macOS/Windows leave it: .DS_Store, Thumbs.db, AppleDouble ._ copies, a hidden folder."""
+    make_tree(tmp_path, n=2)
+    for d in ("train/cat", "train/dog", "val/cat"):
+        (tmp_path / d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (tmp_path / "train" / "dog" / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\0\5\x16\7")  # image extension, not an image
+    os.makedirs(tmp_path / "train" / "cat" / ".ipynb_checkpoints")
+    Image.fromarray(_rgb()).save(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "copy.png")
+    dm = dm_for(tmp_path, num_workers=2, persistent_workers=False)
+    with caplog.at_level("INFO"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is wrong with the data: no warning
+            dm.setup("fit")
+            dm.setup("fit")  # a second setup says nothing new
+    lines = _info_lines(caplog)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"skipped 6 file(s) under {tmp_path}: "
+                               "5 × hidden or system file (e.g. train/cat/.DS_Store)")
+    assert "1 × hidden or system folder, not read (e.g. train/cat/.ipynb_checkpoints/)" in lines[0]
+    assert len(dm.datasets["train"]) == 4 and len(dm.datasets["val"]) == 4
+    x, y = next(iter(dm.train_dataloader()))  # loads in two worker processes
+    assert x.shape == (4, 3, 16, 16)
+
+
+def test_a_clean_folder_says_nothing_and_predict_reports_what_it_left_out(tmp_path, caplog):
+    make_tree(tmp_path)
+    os.makedirs(tmp_path / "predict")
+    Image.fromarray(_rgb()).save(tmp_path / "predict" / "a.png")
+    (tmp_path / "predict" / "notes.txt").write_text("taken on holiday")
+    (tmp_path / "predict" / ".DS_Store").write_bytes(b"\0")
+    dm = dm_for(tmp_path)
+    with caplog.at_level("INFO"):
+        dm.setup("fit")
+        assert _info_lines(caplog) == []
+        dm.setup("predict")
+    lines = _info_lines(caplog)
+    assert len(lines) == 1 and "skipped 2 file(s)" in lines[0]
+    assert "1 × hidden or system file (e.g. predict/.DS_Store)" in lines[0]
+    assert "1 × unsupported file type (e.g. predict/notes.txt)" in lines[0]
+    assert len(dm.datasets["predict"]) == 1
 
 
 def test_predict_batches_are_dicts_with_paths_and_original_sizes(tmp_path):

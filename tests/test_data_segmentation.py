@@ -122,7 +122,8 @@ def test_skip_bad_files_drops_bad_pairs(tmp_path):
     make_tree(tmp_path, n=2)
     (tmp_path / "train" / "images" / "s0001.png").write_bytes(b"junk")
     dm = dm_for(tmp_path, skip_bad_files=True)
-    with pytest.warns(UserWarning, match="skipping 1 bad file"):
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) under .*: "
+                                         r"1 × unreadable image \(e.g. train/images/s0001.png\)"):
         dm.setup("fit")
     assert len(dm.datasets["train"]) == 1
 

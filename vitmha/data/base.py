@@ -34,6 +34,18 @@ def dataset_labels(dataset: Dataset) -> Optional[np.ndarray]:
     return None
 
 
+def dataset_targets(dataset: Dataset) -> Optional[np.ndarray]:
+    """(N, C) 0/1 targets of a multi-label dataset (an in-memory (N, C) ``labels`` array or the ``(path,
+    multi-hot tensor)`` items of a csv), or None for other datasets."""
+    labels = getattr(dataset, "labels", None)
+    if labels is not None and np.ndim(labels) == 2:
+        return (np.asarray(labels) > 0).astype(np.int64)
+    items = getattr(dataset, "items", None)
+    if items and isinstance(items[0][1], torch.Tensor) and items[0][1].ndim == 1:
+        return torch.stack([t for _, t in items]).gt(0).long().numpy()
+    return None
+
+
 def _pixel_counts(masks: Any, num_classes: int, ignore_index: Optional[int]) -> np.ndarray:
     counts = np.zeros(num_classes, dtype=np.int64)
     for m in masks:
@@ -46,12 +58,18 @@ def _pixel_counts(masks: Any, num_classes: int, ignore_index: Optional[int]) -> 
 
 
 def dataset_class_counts(dataset: Dataset, num_classes: int, ignore_index: Optional[int] = None) -> np.ndarray:
-    """(num_classes,) int64: samples per class of a classification dataset, or pixels per class of a
-    segmentation dataset (in-memory masks, a mask region, or mask files read once; ``ignore_index`` left
-    out). Raises DataValidationError for a dataset it cannot count or labels outside the classes."""
+    """(num_classes,) int64: samples per class of a classification dataset, positives per class of a
+    multi-label one, or pixels per class of a segmentation dataset (in-memory masks, a mask region, or mask
+    files read once; ``ignore_index`` left out). Raises DataValidationError for a dataset it cannot count or
+    labels outside the classes."""
     what = type(dataset).__name__
     labels = dataset_labels(dataset)
     try:
+        targets = dataset_targets(dataset)
+        if targets is not None:
+            if targets.shape[1] != num_classes:
+                raise ValueError(f"{targets.shape[1]} label columns for {num_classes} classes")
+            return targets.sum(0).astype(np.int64)
         if labels is not None:
             if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
                 raise ValueError(f"label {int(labels.max())} outside 0..{num_classes - 1}")
@@ -109,7 +127,7 @@ class BaseDataModule(pl.LightningDataModule):
                      sampler: str = "random") -> None:
         """Store the loader settings, resolve mean/std (explicit > ``backbone``'s > ImageNet) for ``in_chans``
         channels, no datasets yet. ``sampler``: ``random`` (shuffle) or ``balanced`` (class-balanced draws
-        with replacement)."""
+        with replacement; class-aware on multi-label data: see ``BalancedEpochSampler``)."""
         if sampler not in SAMPLERS:
             raise DataValidationError([("sampler", f"expected one of {', '.join(SAMPLERS)}, got {sampler!r}")])
         self.train_sampler = sampler
@@ -120,9 +138,10 @@ class BaseDataModule(pl.LightningDataModule):
         self.datasets = {}
 
     def train_class_counts(self) -> np.ndarray:
-        """(num_classes,) int64 counts of the train split: images per class (from the label list), or pixels
-        per class for segmentation (masks read once, ``ignore_index`` left out). Computed once; sets up the
-        train split if needed. What ``class_weights: auto`` of the tasks is computed from."""
+        """(num_classes,) int64 counts of the train split: images per class (from the label list), positives
+        per class for multi-label data, or pixels per class for segmentation (masks read once, ``ignore_index``
+        left out). Computed once; sets up the train split if needed. What ``class_weights: auto`` of the tasks
+        is computed from."""
         if getattr(self, "_train_counts", None) is None:
             self._train_counts = dataset_class_counts(self._dataset("train"), int(self.num_classes),
                                                       getattr(self, "ignore_index", None))
@@ -151,6 +170,7 @@ class BaseDataModule(pl.LightningDataModule):
                 dataset.seed = seed
             if getattr(self, "train_sampler", "random") == "balanced":
                 labels = dataset_labels(dataset)
+                labels = dataset_targets(dataset) if labels is None else labels
                 if labels is None:
                     raise DataValidationError([("sampler", f"balanced sampling needs class labels; the train "
                                                 f"split ({type(dataset).__name__}) has none")])

@@ -9,20 +9,27 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import albumentations as A
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from vitmha.data.io import read_mask, read_rgb
+from vitmha.data.io import JPEG_SCALES, read_mask, read_rgb, read_rgb_reduced
 from vitmha.data.sampling import Key, keyed_uniforms, sample_generator, seed_pipeline, split_key
 
 
 # --- collate functions ---------------------------------------------------------------------------------
 
 
+def collate_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[(C,H,W), ...] -> (B,C,H,W). torch's ``default_collate`` stacks straight into shared memory in a loader
+    worker, which saves the copy a plain ``torch.stack`` costs when the batch is sent to the main process."""
+    return default_collate(list(images))
+
+
 def collate_pairs(batch: Sequence[Tuple[torch.Tensor, Any]]) -> Tuple[torch.Tensor, torch.Tensor]:
     """[(image, target), ...] -> (images (B,3,H,W), targets (B,) or (B,H,W) int64)."""
-    images = torch.stack([b[0] for b in batch])
+    images = collate_images([b[0] for b in batch])
     first = batch[0][1]
     if isinstance(first, torch.Tensor):
         targets = torch.stack([b[1] for b in batch]).long()
@@ -34,7 +41,7 @@ def collate_pairs(batch: Sequence[Tuple[torch.Tensor, Any]]) -> Tuple[torch.Tens
 def collate_predict(batch: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """[{image, path, orig_size}, ...] -> {"image": (B,3,H,W), "path": [str], "orig_size": (B,2) long (H, W)}."""
     return {
-        "image": torch.stack([b["image"] for b in batch]),
+        "image": collate_images([b["image"] for b in batch]),
         "path": [b["path"] for b in batch],
         "orig_size": torch.tensor([b["orig_size"] for b in batch], dtype=torch.long),
     }
@@ -56,10 +63,73 @@ def _check_size(t: torch.Tensor, size: Optional[int], what: str, path: str) -> N
         )
 
 
-class ImageLabelDataset(Dataset):
+class CropFirst:
+    """Runs a pipeline that starts with ``RandomResizedCrop`` (always applied) on an 8-bit RGB image file with
+    the crop drawn *before* decoding, so that a JPEG is decoded once, at the size the crop needs.
+
+    The draws are the pipeline's own, in its own order (the Compose's, then the crop's from the upright image
+    size, then the rest's), so an image that is decoded whole gives bitwise the pipeline's result. A JPEG
+    whose crop is at least k = 2, 4 or 8 times the output size in both directions is decoded at 1/k by libjpeg
+    (DCT scaling: an area-like average) and the crop, scaled by 1/k, is resized as the transform resizes it.
+    That is the only difference: fewer pixels decoded and less aliasing than resizing from full size (at
+    224 px, 500x375 photos are decoded whole, most 640x480 ones at 1/2, 2048x1536 ones at 1/4;
+    benchmarks/data_loader.py). Own code because no loader library decodes at the crop's size (torchvision's
+    and timm's decode every image whole); the draws and the resize are albumentations' own.
+    """
+
+    def __init__(self, pipeline: A.Compose):
+        self.pipeline, self.crop = pipeline, pipeline.transforms[0]
+        self.rest = A.Compose(list(pipeline.transforms[1:]), mask_interpolation=pipeline.mask_interpolation)
+
+    @staticmethod
+    def applies(pipeline: Any) -> bool:
+        """Whether ``pipeline`` starts with a RandomResizedCrop that always applies (its own p and the Compose's)."""
+        return (isinstance(pipeline, A.Compose) and pipeline.p >= 1 and bool(pipeline.transforms)
+                and type(pipeline.transforms[0]) is A.RandomResizedCrop and pipeline.transforms[0].p >= 1)
+
+    def __call__(self, path: str) -> Any:
+        self.pipeline.py_random.random()  # the draw Compose.__call__ makes for its own p
+        box: List[int] = []
+        th, tw = self.crop.size
+
+        def reduction(w: int, h: int) -> int:
+            box[:] = self.crop.get_params_dependent_on_data({"shape": (h, w)}, {})["crop_coords"]
+            cw, ch = box[2] - box[0], box[3] - box[1]
+            return next((k for k in JPEG_SCALES if cw // k >= tw and ch // k >= th), 1)
+
+        img, k = read_rgb_reduced(path, reduction)
+        if k > 1:
+            h, w = img.shape[:2]
+            x1, y1, x2, y2 = (int(round(v / k)) for v in box)
+            box = [min(x1, w - 1), min(y1, h - 1), min(max(x2, x1 + 1), w), min(max(y2, y1 + 1), h)]
+        out = self.crop.apply(img, crop_coords=tuple(box))
+        return self.rest(image=out, force_apply=True)["image"]  # force_apply: no second Compose draw
+
+
+class _FileImages(Dataset):
+    """Images read from disk and augmented by ``transform``, seeded from the key ``(index, epoch)``."""
+
+    transform: Any
+    read: Callable[[str], np.ndarray]
+    seed: int
+    _crop_first: Optional[CropFirst] = None
+
+    def _augment(self, path: str, key: Key) -> Any:
+        crop_first = self.read is read_rgb and CropFirst.applies(self.transform)
+        if crop_first and (self._crop_first is None or self._crop_first.pipeline is not self.transform):
+            # built before seeding: a new Compose re-seeds the transforms it holds
+            # (and again after ``mean/std: auto`` rebuilt the pipeline)
+            self._crop_first = CropFirst(self.transform)
+        seed_pipeline(self.transform, self.seed, key)
+        if crop_first:
+            return self._crop_first(path)
+        return self.transform(image=self.read(path))["image"]
+
+
+class ImageLabelDataset(_FileImages):
     """(path, label) items read from disk; keys ``(index, epoch)`` seed the augmentation."""
 
-    def __init__(self, items: List[Tuple[str, int]], transform, image_size: Optional[int], seed: int = 0,
+    def __init__(self, items: List[Tuple[str, Any]], transform, image_size: Optional[int], seed: int = 0,
                  what: str = "transforms", read: Callable[[str], np.ndarray] = read_rgb):
         self.items, self.transform, self.image_size, self.seed, self.what = items, transform, image_size, seed, what
         self.read = read  # path -> (H, W, C) image: 8-bit RGB, or the file's channels (vitmha.data.io.image_reader)
@@ -70,10 +140,27 @@ class ImageLabelDataset(Dataset):
     def __getitem__(self, key: Key):
         index, _ = split_key(key)
         path, label = self.items[index]
-        seed_pipeline(self.transform, self.seed, key)
-        image = self.transform(image=self.read(path))["image"]
+        image = self._augment(path, key)
         _check_size(image, self.image_size, self.what, path)
         return image, label
+
+
+class ImageDataset(_FileImages):
+    """Image files without labels (pre-training data): ``(C, S, S)`` tensors, augmentation seeded by key."""
+
+    def __init__(self, paths: List[str], transform, image_size: Optional[int], seed: int = 0,
+                 what: str = "transforms", read: Callable[[str], np.ndarray] = read_rgb):
+        self.paths, self.transform, self.image_size, self.seed, self.what = paths, transform, image_size, seed, what
+        self.read = read
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        path = self.paths[split_key(key)[0]]
+        image = self._augment(path, key)
+        _check_size(image, self.image_size, self.what, path)
+        return image
 
 
 class ImageMaskDataset(Dataset):
@@ -140,8 +227,14 @@ class _TensorClassification(Dataset):
     The resize/warp is one cv2.warpAffine per image and the rest numpy on whole batches (``__getitems__``):
     torch's intra-op threads cost more than they save on such small tensors when the model shares the cores.
     Also used by the real-data modules (Fashion-MNIST, MNIST-5k). Each image's draws are a function of (seed,
-    epoch, index) only, taken for the whole batch at once from a keyed SplitMix64 hash (2.4x faster than a
-    numpy generator per image: benchmarks/data_draws.py).
+    epoch, index) only, taken for the whole batch at once from a keyed SplitMix64 hash.
+
+    Why not albumentations, the engine of every other pipeline: speed. The same augmentation as an
+    ``A.Compose`` (flip, Affine, Normalize, ToTensorV2) seeded per image from the same keys is 14-18x slower
+    on these tiny images (benchmarks/data_draws.py, one process: Fashion-MNIST batch of 256 11.6 vs 161 ms,
+    the quickstart's digits batch of 64 3.7 vs 66 ms), 21-37 % of a one-thread training step of those
+    recipes instead of 1.4-4 %; the recipes load in the main process, so that time adds to every step. The
+    hash is 1.6-2.3x faster than a numpy generator per image.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, mean, std, augment: bool = False,
@@ -234,7 +327,9 @@ class _ArraySegmentation(Dataset):
 
 class _FastShapes(Dataset):
     """The default shapes augmentation without albumentations: flips, 90° rotations and brightness/contrast
-    jitter in numpy, normalisation on whole batches (``__getitems__``); ~5× the albumentations path."""
+    jitter in numpy, normalisation on whole batches (``__getitems__``). Kept for speed: 1.3-2.8x faster than
+    the albumentations pipeline of ``shapes_train_transforms`` (benchmarks/data_draws.py: 11.7 vs 32.4 ms a
+    batch of 32, 3.4 % vs 8.9 % of a one-thread quickstart_seg step; the ratio varied 1.3-2.8x over runs)."""
 
     def __init__(self, images: np.ndarray, masks: np.ndarray, mean, std, hflip: float = 0.5, seed: int = 0):
         self.images, self.masks, self.hflip, self.seed = images, masks, hflip, seed

@@ -9,8 +9,8 @@ from vitmha.data.base import BaseDataModule, abspath
 from vitmha.data.channels import ChannelOptions, check_model_channels
 from vitmha.data.datasets import ImageLabelDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
-from vitmha.data.io import (IMAGE_EXTENSIONS, expand_paths, is_hidden, is_image_file, list_dir,
-                            parallel_map, raise_or_skip)
+from vitmha.data.io import (NOT_AN_IMAGE, expand_paths, is_image_file, list_dir, parallel_map, raise_or_skip,
+                            walk_files)
 from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train_recipe
 
 SPLITS = ("train", "val", "test")
@@ -29,15 +29,19 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
 
     Layout: ``root/train/<class>/*``, ``root/val/<class>/*``, optional ``root/test/<class>/*`` and
     ``root/predict/*``; classes are the sorted folder names under ``train``. Images may be png, jpg,
-    jpeg, bmp, webp, tif or tiff (any case), grey, 16-bit, palette or RGBA; with ``in_chans: 3`` all become
-    8-bit RGB. Any other ``in_chans`` reads each file's own channels as float in [0, 1] (grey PNG/JPEG: 1,
+    jpeg, bmp, webp, tif or tiff (any case), grey, 16-bit, palette or RGBA, and are read upright (their EXIF
+    orientation applied, so phone photos are not sideways); with ``in_chans: 3`` all become 8-bit RGB. Any
+    other ``in_chans`` reads each file's own channels as float in [0, 1] (grey PNG/JPEG: 1,
     16-bit scaled by 65535 or ``max_pixel_value``, multi-band TIFF: its bands), and a file with another
     number of channels is a problem. Every file is checked in ``setup`` and all problems are reported at
-    once (DataValidationError). Train/val/test batches are ``(image (B,C,H,W) float32, label (B,) int64)``;
+    once (DataValidationError); hidden and system files (.DS_Store, Thumbs.db, ...) are skipped and counted
+    in one line. Train/val/test batches are ``(image (B,C,H,W) float32, label (B,) int64)``;
     predict batches are dicts ``{"image", "path", "orig_size" (B,2) (H,W)}``.
 
     Augmentation is deterministic: sample i of epoch e is augmented from (seed, e, i) only, whatever
-    the number of workers, so a resumed run sees the batches it would have seen.
+    the number of workers, so a resumed run sees the batches it would have seen. A train pipeline that starts
+    with RandomResizedCrop (the default) draws its crop before decoding, and a JPEG whose crop is at least
+    2, 4 or 8 times image_size is decoded at that reduced scale (``vitmha.data.datasets.CropFirst``).
     """
 
     def __init__(
@@ -209,11 +213,12 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
 
     # --- listing and validation ---------------------------------------------------------------------
 
-    def _list_split_folders(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, int]]:
+    def _list_split_folders(self, split: str, problems: List[Problem], bad: List[Problem],
+                            junk: List[Problem]) -> List[Tuple[str, int]]:
         folder = os.path.join(self.root, split)
         index = {c: i for i, c in enumerate(self.classes)}
         items = []
-        for name in list_dir(folder):
+        for name in list_dir(folder, junk):
             cdir = os.path.join(folder, name)
             if not os.path.isdir(cdir):
                 bad.append((_rel(cdir, self.root), f"file outside a class folder (expected {split}/<class>/<image>)"))
@@ -223,17 +228,12 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
                                  f"{', '.join(self.classes[:20])}{' ...' if len(self.classes) > 20 else ''})"))
                 continue
             found = 0
-            for dirpath, dirnames, names in os.walk(cdir):
-                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-                for n in sorted(names):
-                    if is_hidden(n):
-                        continue
-                    p = os.path.join(dirpath, n)
-                    if is_image_file(n):
-                        items.append((p, index[name]))
-                        found += 1
-                    else:
-                        bad.append((_rel(p, self.root), f"unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"))
+            for p in walk_files(cdir, junk):
+                if is_image_file(p):
+                    items.append((p, index[name]))
+                    found += 1
+                else:
+                    bad.append((_rel(p, self.root), NOT_AN_IMAGE))
             if found == 0:
                 problems.append((_rel(cdir, self.root), "empty class folder (no images)"))
         return items
@@ -260,7 +260,7 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
             if not os.path.isfile(full):
                 bad.append((_rel(full, self.root), f"file listed in {where} does not exist"))
             elif not is_image_file(full):
-                bad.append((_rel(full, self.root), f"unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"))
+                bad.append((_rel(full, self.root), NOT_AN_IMAGE))
             else:
                 items.append((full, target))
         return items
@@ -269,12 +269,15 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
         """List and check every split; raise one DataValidationError listing every problem.
 
         With ``skip_bad_files`` unreadable/unsupported files are dropped with one warning; structural
-        problems (missing split, empty class, unknown class) still raise. Returns {split: [(path, label)]}.
+        problems (missing split, empty class, unknown class) still raise. Hidden and system files
+        (.DS_Store, Thumbs.db, ...) are never read; one line says how many files were skipped, and why.
+        Returns {split: [(path, label)]}.
         """
         if self._items is not None:
             return self._items
         problems: List[Problem] = []  # structural: never skipped
         bad: List[Problem] = []  # per file: skippable
+        junk: List[Problem] = []  # hidden/system entries: skipped, reported
         items: Dict[str, List[Tuple[str, int]]] = {}
         for split in SPLITS:
             if self.csv_files is not None:
@@ -291,7 +294,7 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
                         problems.append((_rel(folder, self.root) + "/",
                                          f"missing split folder (expected {split}/<class>/<image>)"))
                     continue
-                items[split] = self._list_split_folders(split, problems, bad)
+                items[split] = self._list_split_folders(split, problems, bad, junk)
         if self.check_files:
             for split, lst in items.items():
                 errs = parallel_map(self.check_image, [p for p, _ in lst])
@@ -304,7 +307,7 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
                     items[split] = [it for it in lst if it[0] not in bad_paths]
                     if self.csv_files is None:
                         self._recheck_empty(split, lst, items[split], problems)
-        raise_or_skip(problems, bad, self.skip_bad_files, self.root)
+        raise_or_skip(problems, bad, self.skip_bad_files, self.root, junk)
         self._items = items
         return items
 
@@ -337,11 +340,12 @@ class ImageFolderDataModule(ChannelOptions, BaseDataModule):
 
     def _setup_predict(self) -> None:
         specs = self.predict_paths or [os.path.join(self.root, "predict")]
-        files, problems = expand_paths(specs, base=self.root)
+        junk: List[Problem] = []
+        files, problems = expand_paths(specs, base=self.root, junk=junk)
         if problems or not files:
             raise DataValidationError(problems or [(str(specs), "no images to predict on")])
         bad = [(p, e) for p, e in zip(files, parallel_map(self.check_image, files)) if e] if self.check_files else []
-        raise_or_skip([], bad, self.skip_bad_files, self.root)
+        raise_or_skip([], bad, self.skip_bad_files, self.root, junk)
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
                                                   self.image_size, read=self.read)

@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -25,12 +26,39 @@ def is_image_file(path: str) -> bool:
 
 
 def is_hidden(name: str) -> bool:
+    """Hidden and system entries, never data: dotfiles (.DS_Store, macOS's ._name copies), Thumbs.db,
+    desktop.ini, __MACOSX."""
     return name.startswith(".") or name in ("Thumbs.db", "desktop.ini", "__MACOSX")
 
 
-def list_dir(path: str) -> List[str]:
-    """Sorted visible entries of a folder (hidden files such as .DS_Store are ignored)."""
-    return sorted(n for n in os.listdir(path) if not is_hidden(n))
+HIDDEN_FILE = "hidden or system file"
+HIDDEN_FOLDER = "hidden or system folder, not read"
+
+
+def _hidden_entry(path: str) -> Problem:
+    return (path + "/", HIDDEN_FOLDER) if os.path.isdir(path) else (path, HIDDEN_FILE)
+
+
+def list_dir(path: str, junk: Optional[List[Problem]] = None) -> List[str]:
+    """Sorted visible entries of a folder; hidden/system ones (``is_hidden``) are left out and, with ``junk``,
+    appended to it as ``(path, reason)``."""
+    names = sorted(os.listdir(path))
+    if junk is not None:
+        junk.extend(_hidden_entry(os.path.join(path, n)) for n in names if is_hidden(n))
+    return [n for n in names if not is_hidden(n)]
+
+
+def walk_files(folder: str, junk: Optional[List[Problem]] = None) -> Iterator[str]:
+    """Every visible file under ``folder``, recursively, in sorted order; hidden files and folders are not
+    entered and, with ``junk``, appended to it."""
+    for dirpath, dirnames, names in os.walk(folder):
+        if junk is not None:
+            junk.extend((os.path.join(dirpath, d) + "/", HIDDEN_FOLDER) for d in sorted(dirnames) if is_hidden(d))
+            junk.extend((os.path.join(dirpath, n), HIDDEN_FILE) for n in sorted(names) if is_hidden(n))
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for n in sorted(names):
+            if not is_hidden(n):
+                yield os.path.join(dirpath, n)
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
@@ -67,8 +95,75 @@ def _to_rgb(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(to_uint8(a))
 
 
+# --- EXIF orientation -----------------------------------------------------------------------------------
+# Cameras and phones store the sensor's pixel grid and an Orientation tag (EXIF 0x0112, the same tag number in
+# TIFF) that says how to turn it for display; torchvision's and timm's loaders ignore the tag, so phone photos
+# reach the model sideways. vitmha reads every image upright: the tag is applied to JPEG, PNG, WebP and TIFF
+# images alike, for training, evaluation and prediction (every reader below). Masks are read as stored
+# (``read_mask``, as mmcv/mmseg read label maps "unchanged"): annotation tools draw on the upright image and
+# write label PNGs without the tag; a mask that follows the stored pixel grid instead is reported by the
+# segmentation module's size check.
+ORIENTATION_TAG = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def pil_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation (1-8) of a PIL image just opened (before decoding); 1 (as stored) when absent or
+    invalid. A PNG's comes from an eXIf chunk before the pixel data, where the PNG specification puts it."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1  # PIL would decode the whole image looking for an eXIf chunk after the pixels
+    try:
+        value = int(im.getexif().get(ORIENTATION_TAG, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no reason to refuse the pixels
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _tiff_orientation(page: Any) -> int:
+    tag = page.tags.get(ORIENTATION_TAG)
+    try:
+        value = int(tag.value) if tag is not None else 1
+    except (TypeError, ValueError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def upright(a: np.ndarray, orientation: int) -> np.ndarray:
+    """``a`` (H, W[, C]) as displayed under EXIF ``orientation``: what PIL's ``ImageOps.exif_transpose`` does
+    to the image (2 mirror, 3 rotate 180°, 4 flip, 5 transpose, 6 rotate 90° clockwise, 7 transverse, 8 rotate
+    90° counter-clockwise). Contiguous; ``a`` itself for 1."""
+    if orientation in (2, 3):
+        a = a[:, ::-1]
+    if orientation in (3, 4):
+        a = a[::-1]
+    if orientation in (5, 6, 7, 8):
+        a = np.swapaxes(a, 0, 1)  # transpose, then flip for the rotations and the transverse
+        if orientation in (6, 7):
+            a = a[:, ::-1]
+        if orientation in (7, 8):
+            a = a[::-1]
+    return np.ascontiguousarray(a) if orientation != 1 else a
+
+
+def upright_size(size: Tuple[int, int], orientation: int) -> Tuple[int, int]:
+    """(W, H) of an image of stored ``size`` (W, H) once turned upright."""
+    return (size[1], size[0]) if orientation in _TRANSPOSED else (size[0], size[1])
+
+
+def _pil_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode == "RGB":
+        return np.asarray(im)  # decodes; no conversion copy
+    if im.mode in ("L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(im)
+        if im.mode.startswith("I;16"):
+            a = a.astype(np.uint16)
+        return _to_rgb(a)
+    # P, PA, LA, RGBA, CMYK, YCbCr, 1, ...: PIL knows how to get RGB
+    return np.asarray(im.convert("RGB"))
+
+
 def read_rgb(path: str) -> np.ndarray:
-    """Read any supported image as an (H, W, 3) uint8 RGB array.
+    """Read any supported image as an (H, W, 3) uint8 RGB array, upright (its EXIF orientation applied).
 
     Grayscale is replicated, palette images are expanded, alpha is dropped (as torchvision's loader
     does), and 16-bit images are scaled to 8 bits by /257 rather than clipped.
@@ -77,19 +172,38 @@ def read_rgb(path: str) -> np.ndarray:
         try:
             import tifffile
 
-            return _to_rgb(tifffile.imread(path, key=0))
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                return upright(_to_rgb(page.asarray()), _tiff_orientation(page))
         except Exception:
             pass  # fall back to PIL (tifffile may lack a codec PIL has)
     with Image.open(path) as im:
-        if im.mode in ("RGB",):
-            return np.asarray(im.convert("RGB"))
-        if im.mode in ("L", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-            a = np.asarray(im)
-            if im.mode.startswith("I;16"):
-                a = a.astype(np.uint16)
-            return _to_rgb(a)
-        # P, PA, LA, RGBA, CMYK, YCbCr, 1, ...: PIL knows how to get RGB
-        return np.asarray(im.convert("RGB"))
+        orientation = pil_orientation(im)
+        return upright(_pil_rgb(im), orientation)
+
+
+#: JPEG reduction factors libjpeg decodes at directly (DCT scaling), largest first
+JPEG_SCALES = (8, 4, 2)
+
+
+def read_rgb_reduced(path: str, reduction: Callable[[int, int], int]) -> Tuple[np.ndarray, int]:
+    """``read_rgb``, but a JPEG is decoded straight at 1/k of its size, k = ``reduction(W, H)`` of the upright
+    image (1, 2, 4 or 8; libjpeg's DCT scaling: an area-like average, no full-size decode). Other formats
+    are read whole (k = 1). Returns (the upright array, k): pixel (x, y) of the full-size image is at
+    (x / k, y / k)."""
+    if not path.lower().endswith(_JPEG):
+        a = read_rgb(path)
+        reduction(a.shape[1], a.shape[0])  # the caller's draws happen for every file alike
+        return a, 1
+    with Image.open(path) as im:
+        orientation = pil_orientation(im)
+        w, h = upright_size(im.size, orientation)
+        k = int(reduction(w, h))
+        if k > 1:
+            sw, sh = im.size
+            drafted = im.draft("RGB", (sw // k, sh // k))  # (mode, (0, 0, W / scale, H / scale)) or None
+            k = int(round(sw / drafted[1][2])) if drafted else 1
+        return upright(_pil_rgb(im), orientation), k
 
 
 # --- any number of channels (in_chans != 3) ------------------------------------------------------------
@@ -124,12 +238,13 @@ def _read_tiff(path: str, in_chans: Optional[int] = None) -> np.ndarray:
 
     with tifffile.TiffFile(path) as tf:
         series = tf.series[0]
-        return _channels_last(series.asarray(), series.axes, in_chans)
+        return upright(_channels_last(series.asarray(), series.axes, in_chans), _tiff_orientation(tf.pages[0]))
 
 
 def read_native(path: str, in_chans: Optional[int] = None) -> np.ndarray:
-    """An image as stored, (H, W, C) in its own dtype: grey gives 1 channel, grey + alpha 2, RGB 3, RGBA and
-    CMYK 4, multi-band TIFF (H, W, C) or planar (C, H, W) C; palette images are expanded to RGB.
+    """An image as stored, upright (EXIF orientation applied), (H, W, C) in its own dtype: grey gives 1
+    channel, grey + alpha 2, RGB 3, RGBA and CMYK 4, multi-band TIFF (H, W, C) or planar (C, H, W) C; palette
+    images are expanded to RGB.
     ``in_chans`` only decides which end of a TIFF's (n, h, m) array holds the channels when the file does not
     say (a band stack written page by page)."""
     if path.lower().endswith(_TIFF):
@@ -140,13 +255,13 @@ def read_native(path: str, in_chans: Optional[int] = None) -> np.ndarray:
         except Exception:
             pass  # fall back to PIL (tifffile may lack a codec PIL has)
     with Image.open(path) as im:
-        mode = im.mode
+        mode, orientation = im.mode, pil_orientation(im)
         if mode not in _PIL_NATIVE:
             im = im.convert({"1": "L", "La": "LA", "PA": "RGBA", "RGBa": "RGBA"}.get(mode, "RGB"))
         a = np.asarray(im)
     if mode.startswith("I;16") or (mode == "I" and path.lower().endswith(".png")):
         a = a.astype(np.uint16)  # PNG holds at most 16 bits; Pillow may hand them over as int32
-    return _channels_last(a)
+    return upright(_channels_last(a), orientation)
 
 
 def _describe(c: int) -> str:
@@ -250,8 +365,10 @@ def check_image(path: str, in_chans: Optional[int] = None) -> Optional[str]:
         return f"unreadable image ({msg})"
 
 
-def image_size_of(path: str, in_chans: Optional[int] = None) -> Tuple[int, int]:
-    """(W, H) from the header, without decoding (a TIFF's channel axis found as ``read_native`` finds it)."""
+def stored_and_upright_size(path: str,
+                            in_chans: Optional[int] = None) -> Tuple[Tuple[int, int], Tuple[int, int], int]:
+    """((W, H) as stored, (W, H) upright, EXIF orientation) from the header, without decoding (a TIFF's channel
+    axis found as ``read_native`` finds it)."""
     if path.lower().endswith(_TIFF):
         try:
             import tifffile
@@ -259,12 +376,19 @@ def image_size_of(path: str, in_chans: Optional[int] = None) -> Tuple[int, int]:
             with tifffile.TiffFile(path) as tf:
                 series = tf.series[0]
                 shape, axes = tuple(series.shape), series.axes
+                orientation = _tiff_orientation(tf.pages[0])
             h, w, _ = _channels_last(np.broadcast_to(np.uint8(0), shape), axes, in_chans).shape
-            return w, h
+            return (w, h), upright_size((w, h), orientation), orientation
         except Exception:
             pass
     with Image.open(path) as im:
-        return im.size
+        orientation = pil_orientation(im)
+        return im.size, upright_size(im.size, orientation), orientation
+
+
+def image_size_of(path: str, in_chans: Optional[int] = None) -> Tuple[int, int]:
+    """(W, H) of the image as the readers give it (upright), from the header, without decoding."""
+    return stored_and_upright_size(path, in_chans)[1]
 
 
 def parallel_map(fn: Callable, items: Sequence, threads: Optional[int] = None) -> list:
@@ -276,10 +400,12 @@ def parallel_map(fn: Callable, items: Sequence, threads: Optional[int] = None) -
         return list(ex.map(fn, items, chunksize=32))
 
 
-def expand_paths(specs: Iterable[str], base: Optional[str] = None) -> Tuple[List[str], List[Problem]]:
+def expand_paths(specs: Iterable[str], base: Optional[str] = None,
+                 junk: Optional[List[Problem]] = None) -> Tuple[List[str], List[Problem]]:
     """Expand files, folders (recursively) and glob patterns into a sorted list of image files.
 
-    Returns (files, problems), problems naming specs that matched nothing.
+    Returns (files, problems), problems naming specs that matched nothing. Files a folder holds besides its
+    images (hidden/system files, other types) are left out and, with ``junk``, appended to it.
     """
     files: List[str] = []
     problems: List[Problem] = []
@@ -289,9 +415,11 @@ def expand_paths(specs: Iterable[str], base: Optional[str] = None) -> Tuple[List
             spec = os.path.join(base, spec)
         if os.path.isdir(spec):
             found = []
-            for dirpath, dirnames, names in os.walk(spec):
-                dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
-                found += [os.path.join(dirpath, n) for n in sorted(names) if not is_hidden(n) and is_image_file(n)]
+            for p in walk_files(spec, junk):
+                if is_image_file(p):
+                    found.append(p)
+                elif junk is not None:
+                    junk.append((p, NOT_AN_IMAGE))
             if not found:
                 problems.append((spec, "folder holds no images"))
             files += found
@@ -310,16 +438,58 @@ def expand_paths(specs: Iterable[str], base: Optional[str] = None) -> Tuple[List
     return unique, problems
 
 
-def raise_or_skip(problems: List[Problem], skippable: List[Problem], skip_bad_files: bool, root: str) -> None:
-    """Raise one DataValidationError for all problems; with ``skip_bad_files`` only warn about skippable ones."""
+NOT_AN_IMAGE = f"unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def skip_reason(message: str) -> str:
+    """The kind of problem a per-file message names, for grouping: its text before any bracketed detail, with
+    file names and line numbers left out ("unreadable image (cannot identify...)" -> "unreadable image")."""
+    reason = message.split(" (", 1)[0]
+    reason = re.sub(r"^file listed in \S+ does not exist$", "file listed in a csv does not exist", reason)
+    reason = re.sub(r"^\S+:\d+: ", "", reason)  # "val.csv:3: unsupported file type" -> "unsupported file type"
+    return reason
+
+
+def skipped_summary(skipped: Sequence[Problem], root: str) -> str:
+    """One line: how many entries under ``root`` were skipped, grouped by reason (largest group first), each
+    with an example path relative to ``root``."""
+    groups: Dict[str, List[str]] = {}
+    for path, message in skipped:
+        groups.setdefault(skip_reason(message), []).append(path)
+
+    def rel(p: str) -> str:
+        try:
+            r = os.path.relpath(p, root)
+        except ValueError:
+            return p
+        return p if r.startswith("..") else r + ("/" if p.endswith("/") else "")
+
+    parts = [f"{len(paths)} × {reason} (e.g. {rel(paths[0])})"
+             for reason, paths in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return f"skipped {len(skipped)} file(s) under {root}: " + "; ".join(parts)
+
+
+def raise_or_skip(problems: List[Problem], skippable: List[Problem], skip_bad_files: bool, root: str,
+                  junk: Sequence[Problem] = ()) -> None:
+    """Raise one DataValidationError for all problems (and the skippable ones unless ``skip_bad_files``);
+    otherwise say in one line what was skipped and why: a warning when bad files were skipped
+    (``skip_bad_files``), an info line when only ``junk`` (hidden/system files, entries the module does not
+    read) was."""
     if skip_bad_files and skippable:
-        warnings.warn(
-            f"skip_bad_files=True: skipping {len(skippable)} bad file(s) under {root}, "
-            f"e.g. {skippable[0][0]}: {skippable[0][1]}",
-            stacklevel=3,
-        )
+        allp = problems
+    else:
+        allp = problems + skippable
         skippable = []
-    allp = problems + skippable
     if allp:
-        hint = " (set skip_bad_files=True to skip unreadable/unsupported files)" if skippable and not skip_bad_files else ""
+        hint = " (set skip_bad_files=True to skip unreadable/unsupported files)" if allp != problems else ""
         raise DataValidationError(allp, header=f"{len(allp)} problem(s) with the data under {root}{hint}:")
+    skipped = list(junk) + list(skippable)
+    if not skipped:
+        return
+    line = skipped_summary(skipped, root)
+    if skippable:
+        warnings.warn(f"skip_bad_files=True: {line}", UserWarning, stacklevel=3)
+    else:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(line)

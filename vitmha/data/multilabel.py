@@ -21,15 +21,16 @@ from __future__ import annotations
 import csv as csvlib
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from vitmha.data.base import BaseDataModule, abspath
+from vitmha.data.channels import ChannelOptions, check_model_channels
 from vitmha.data.datasets import ImageLabelDataset, PredictDataset, _ArrayPredict, _FastShapes, _passthrough
 from vitmha.data.errors import DataValidationError, Problem
-from vitmha.data.io import IMAGE_EXTENSIONS, check_image, expand_paths, is_image_file, parallel_map, raise_or_skip
+from vitmha.data.io import NOT_AN_IMAGE, expand_paths, is_image_file, parallel_map, raise_or_skip
 from vitmha.data.sampling import Key, split_key
 from vitmha.data.sources import _shape_mask, _texture
 from vitmha.data.transforms import TransformSpec, build_transforms, classification_eval, classification_train
@@ -106,7 +107,7 @@ def _csv_files(csv: Union[str, Dict[str, str], None], root: str) -> Dict[str, st
     return {s: p for s, p in files.items() if s != "test" or os.path.isfile(p)}
 
 
-class MultiLabelCSVDataModule(BaseDataModule):
+class MultiLabelCSVDataModule(ChannelOptions, BaseDataModule):
     """Multi-label image classification from CSV lists, with albumentations augmentation.
 
     ``root`` holds ``train.csv``, ``val.csv`` and optionally ``test.csv`` (or ``csv`` names them); image paths
@@ -114,8 +115,10 @@ class MultiLabelCSVDataModule(BaseDataModule):
     allowed) or, under a header ``path,classA,classB,...``, one-hot 0/1 columns. ``classes`` are the sorted
     label names of train.csv (the header order for a one-hot train.csv) unless given. Every row and file is
     checked in ``setup``; all problems (unknown labels, bad rows, missing or unreadable images) are raised at
-    once, each naming ``file:line``. Batches are ``(image (B,3,H,W) float32, target (B,C) int64 0/1)``;
-    predict batches ``{"image", "path", "orig_size"}``.
+    once, each naming ``file:line``. Images are read as ImageFolderDataModule reads them (8-bit RGB, or with
+    another ``in_chans`` each file's own channels as float in [0, 1]). Batches are ``(image (B,C,H,W) float32,
+    target (B,num_classes) int64 0/1)``; predict batches ``{"image", "path", "orig_size"}``.
+    ``train_class_counts()`` gives the positives per class (what ``class_weights: auto`` weighs by).
     """
 
     def __init__(
@@ -128,8 +131,8 @@ class MultiLabelCSVDataModule(BaseDataModule):
         persistent_workers: bool = True,
         train_transforms: TransformSpec = None,
         val_transforms: TransformSpec = None,
-        mean: Optional[List[float]] = None,
-        std: Optional[List[float]] = None,
+        mean: Optional[Union[List[float], Literal["auto"]]] = None,
+        std: Optional[Union[List[float], Literal["auto"]]] = None,
         backbone: Optional[str] = None,
         hflip: float = 0.0,
         scale: Tuple[float, float] = (0.8, 1.0),
@@ -142,6 +145,9 @@ class MultiLabelCSVDataModule(BaseDataModule):
         check_files: bool = True,
         num_classes: Optional[int] = None,
         predict_paths: Optional[List[str]] = None,
+        in_chans: int = 3,
+        max_pixel_value: Optional[float] = None,
+        sampler: str = "random",
     ):
         """
         Args:
@@ -153,7 +159,9 @@ class MultiLabelCSVDataModule(BaseDataModule):
             persistent_workers: keep workers alive between epochs (only when num_workers > 0).
             train_transforms: albumentations spec replacing the default train pipeline (see ImageFolderDataModule).
             val_transforms: the same for val/test/predict (default: resize to image_size).
-            mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
+            mean: normalisation mean, one value per channel (0..1) or one for all; default from ``backbone``'s
+                pretrained config (RGB values fitted to ``in_chans``), else ImageNet; ``auto``: computed from
+                the training images in ``setup`` (logged, and kept in the checkpoint).
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
             hflip: probability of a horizontal flip in the default train pipeline (off: a mirror image can
@@ -169,24 +177,32 @@ class MultiLabelCSVDataModule(BaseDataModule):
             check_files: check every image in ``setup`` (turn off only for huge, known-good datasets).
             num_classes: expected number of classes; an error if the data disagrees (default: found).
             predict_paths: files, folders or globs to predict on (default: ``root/predict``).
+            in_chans: image channels, the model's ``backbone_kwargs.in_chans`` (the vitmha CLI passes it on).
+                3: 8-bit RGB. Others: each file's own channels, float in [0, 1]; colour transforms that need RGB
+                are left out of the default pipelines and refused in ``train_transforms``.
+            max_pixel_value: divide pixels by this instead of their type's range (255 for 8 bit, 65535 for
+                16 bit); reads float channels even for 3.
+            sampler: ``random`` (shuffle every epoch) or ``balanced``: class-aware sampling with replacement (a
+                class picked uniformly, images without labels counting as one more, then one of its images), so
+                rare labels are seen about as often as common ones; labels that co-occur with rare ones are
+                drawn more often too. Deterministic per seed and epoch, resumable.
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
         self.root = abspath(root)
         self.image_size = int(image_size)
+        mean, std = self._init_channels(in_chans, max_pixel_value, mean, std)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          in_chans=in_chans, sampler=sampler)
         if not label_sep or label_sep == ",":
             raise ValueError(f"label_sep must be a non-empty separator other than ',', got {label_sep!r}")
         self.label_sep = label_sep
         self.skip_bad_files, self.check_files, self.predict_paths = skip_bad_files, check_files, predict_paths
         self.csv_files = _csv_files(csv, self.root)
-        self.train_transform = build_transforms(
-            train_transforms, classification_train(self.image_size, self.mean, self.std, hflip, tuple(scale)),
-            self.mean, self.std, "train_transforms")
-        self.val_transform = build_transforms(
-            val_transforms, classification_eval(self.image_size, self.mean, self.std, crop_pct),
-            self.mean, self.std, "val_transforms")
+        self.train_spec, self.val_spec = train_transforms, val_transforms
+        self.hflip, self.scale, self.crop_pct = hflip, tuple(scale), crop_pct
+        self._build_transforms()
         self._parsed: Dict[str, Tuple[List[Tuple[str, List[str], int]], Optional[List[str]], List[Problem]]] = {}
         self._items: Optional[Dict[str, List[Tuple[str, torch.Tensor]]]] = None
         self.classes: List[str] = self._find_classes(classes)
@@ -194,6 +210,18 @@ class MultiLabelCSVDataModule(BaseDataModule):
         if num_classes is not None and num_classes != self.num_classes:
             raise DataValidationError([(self.csv_files.get("train", self.root), f"num_classes={num_classes} was "
                                         f"given but the data has {self.num_classes} classes: {self.classes}")])
+
+    def _build_transforms(self) -> None:
+        """The train and eval pipelines for the current mean/std, fitted to the images read."""
+        self.train_transform = self._fit(build_transforms(
+            self.train_spec, classification_train(self.image_size, self.mean, self.std, self.hflip, self.scale),
+            self.mean, self.std, "train_transforms"), self.train_spec, "train_transforms")
+        self.val_transform = self._fit(build_transforms(
+            self.val_spec, classification_eval(self.image_size, self.mean, self.std, self.crop_pct),
+            self.mean, self.std, "val_transforms"), self.val_spec, "val_transforms")
+
+    def _train_paths(self) -> List[str]:
+        return [p for p, _ in self.validate_files()["train"]]
 
     def _parse(self, split: str):
         if split not in self._parsed:
@@ -247,7 +275,7 @@ class MultiLabelCSVDataModule(BaseDataModule):
             if not os.path.isfile(full):
                 bad.append((full, f"file listed in {where} does not exist"))
             elif not is_image_file(full):
-                bad.append((full, f"{where}: unsupported file type (images: {', '.join(IMAGE_EXTENSIONS)})"))
+                bad.append((full, f"{where}: {NOT_AN_IMAGE}"))
             else:
                 items.append((full, target))
         return items
@@ -272,7 +300,7 @@ class MultiLabelCSVDataModule(BaseDataModule):
             items[split] = self._list_split(split, problems, bad)
         if self.check_files:
             for split, lst in items.items():
-                errs = parallel_map(check_image, [p for p, _ in lst])
+                errs = parallel_map(self.check_image, [p for p, _ in lst])
                 bad += [(p, e) for (p, _), e in zip(lst, errs) if e]
                 items[split] = [it for it, e in zip(lst, errs) if not e]
         raise_or_skip(problems, bad, self.skip_bad_files, self.root)
@@ -282,28 +310,32 @@ class MultiLabelCSVDataModule(BaseDataModule):
     # --- Lightning hooks ------------------------------------------------------------------------------
 
     def setup(self, stage: Optional[str] = None) -> None:
+        check_model_channels(self)
         if stage == "predict":
             self._setup_predict()
             return
         items = self.validate_files()
+        self._auto_stats()
         for split in items:
             what = "train_transforms" if split == "train" else "val_transforms"
             transform = self.train_transform if split == "train" else self.val_transform
-            self.datasets[split] = ImageLabelDataset(items[split], transform, self.image_size, what=what)
+            self.datasets[split] = ImageLabelDataset(items[split], transform, self.image_size, what=what,
+                                                     read=self.read)
         if stage == "test" and "test" not in items:
             raise DataValidationError([(os.path.join(os.path.dirname(self.csv_files["train"]), "test.csv"),
                                         "missing test split (needed for `test`)")])
 
     def _setup_predict(self) -> None:
         specs = self.predict_paths or [os.path.join(self.root, "predict")]
-        files, problems = expand_paths(specs, base=self.root)
+        junk: List[Problem] = []
+        files, problems = expand_paths(specs, base=self.root, junk=junk)
         if problems or not files:
             raise DataValidationError(problems or [(str(specs), "no images to predict on")])
-        bad = [(p, e) for p, e in zip(files, parallel_map(check_image, files)) if e] if self.check_files else []
-        raise_or_skip([], bad, self.skip_bad_files, self.root)
+        bad = [(p, e) for p, e in zip(files, parallel_map(self.check_image, files)) if e] if self.check_files else []
+        raise_or_skip([], bad, self.skip_bad_files, self.root, junk)
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
-                                                  self.image_size)
+                                                  self.image_size, read=self.read)
 
 
 # --- built-in synthetic scenes ---------------------------------------------------------------------------
@@ -477,6 +509,7 @@ class SyntheticShapesMultiLabelDataModule(BaseDataModule):
         mean: Optional[List[float]] = None,
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
+        sampler: str = "random",
     ):
         """
         Args:
@@ -500,6 +533,8 @@ class SyntheticShapesMultiLabelDataModule(BaseDataModule):
             mean: normalisation mean (RGB, 0..1); default from ``backbone``'s pretrained config, else ImageNet.
             std: normalisation std, resolved like ``mean``.
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
+            sampler: ``random`` (shuffle every epoch) or ``balanced`` (class-aware sampling, as
+                MultiLabelCSVDataModule's).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -515,7 +550,8 @@ class SyntheticShapesMultiLabelDataModule(BaseDataModule):
         self.object_size = (float(object_size[0]), float(object_size[1]))
         self.data_seed, self.test_seed, self.augment, self.hflip = data_seed, test_seed, augment, hflip
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone)
+                          persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
+                          sampler=sampler)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.datasets:

@@ -25,8 +25,12 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
     """Fashion-MNIST (real, 70,000 28×28 grey images, 10 classes) from its gzipped IDX files.
 
     Train/val come from the official 60,000 (val_size held out, stratified, fixed by split_seed); test is
-    the official 10,000. Files: ``root`` or /usr/share/datasets/fashion-mnist (``apt-get install
-    dataset-fashion-mnist``).
+    the official 10,000. ``val_size: 0`` trains on all 60,000 (the usual protocol for a reported test
+    accuracy, and for pre-training on the whole training set) with no validation split: validation is
+    skipped during ``fit`` (the checkpoint to use is ``last.ckpt``), ``vitmha validate`` is an error, and
+    ``vitmha test`` scores the official 10,000. The test split is not used for validation: choosing epochs or
+    settings on it would make its accuracy optimistic. Files: ``root`` or /usr/share/datasets/fashion-mnist
+    (``apt-get install dataset-fashion-mnist``).
     """
 
     def __init__(
@@ -49,12 +53,14 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
         in_chans: int = 3,
+        sampler: str = "random",
     ):
         """
         Args:
             root: folder with train-images-idx3-ubyte[.gz] etc. (default /usr/share/datasets/fashion-mnist).
             image_size: side the 28×28 images are resized to.
-            val_size: images of the official train set held out for validation (stratified).
+            val_size: images of the official train set held out for validation (stratified); 0: none, all
+                60,000 train and validation is skipped.
             split_seed: seed of the train/val split.
             batch_size: images per batch.
             num_workers: dataloader workers (0: data is in memory).
@@ -72,6 +78,8 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
             in_chans: 3 (the grey image replicated, for RGB models) or 1 (the grey image itself, for a model
                 with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
+            sampler: ``random`` (shuffle every epoch) or ``balanced`` (each epoch draws as many images with
+                replacement, every class equally likely; deterministic per seed and epoch, resumable).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -79,19 +87,28 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
-                          in_chans=grey_channels(in_chans))
-        self.root, self.val_size, self.split_seed = root, val_size, split_seed
+                          in_chans=grey_channels(in_chans), sampler=sampler)
+        if int(val_size) < 0:
+            raise DataValidationError([("val_size", f"expected 0 (no validation split) or a number of images, got "
+                                        f"{val_size}")])
+        self.root, self.val_size, self.split_seed = root, int(val_size), split_seed
         self.num_classes = 10
         self.classes = list(FASHION_CLASSES)
 
     def setup(self, stage: Optional[str] = None) -> None:
         check_model_channels(self)
+        if stage == "validate" and self.val_size == 0:
+            raise DataValidationError([("val_size", "0: there is no validation split (all 60,000 training images "
+                                        "train); `vitmha test` scores the official test split")])
         if self.datasets:
             return
         from sklearn.model_selection import train_test_split
 
         data = load_fashion_mnist(self.root)
         x, y = data["train"]
+        if self.val_size == 0:
+            self._make({"train": (x, y), "test": data["test"]}, "fashion_mnist")
+            return
         tr, va = train_test_split(np.arange(len(y)), test_size=self.val_size, stratify=y, random_state=self.split_seed)
         tr, va = np.sort(tr), np.sort(va)
         self._make({"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": data["test"]}, "fashion_mnist")
@@ -123,6 +140,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         std: Optional[List[float]] = None,
         backbone: Optional[str] = None,
         in_chans: int = 3,
+        sampler: str = "random",
     ):
         """
         Args:
@@ -145,6 +163,8 @@ class MNIST5kDataModule(InMemoryClassificationModule):
             backbone: timm/vitmha arch name whose pretrained mean/std to use.
             in_chans: 3 (the grey image replicated, for RGB models) or 1 (the grey image itself, for a model
                 with ``backbone_kwargs.in_chans: 1``; the vitmha CLI passes that on).
+            sampler: ``random`` (shuffle every epoch) or ``balanced`` (each epoch draws as many images with
+                replacement, every class equally likely; deterministic per seed and epoch, resumable).
         """
         super().__init__()
         self.save_hyperparameters(logger=False)  # see BaseDataModule
@@ -152,7 +172,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         self.image_size = int(image_size)
         self._init_loader(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
-                          in_chans=grey_channels(in_chans))
+                          in_chans=grey_channels(in_chans), sampler=sampler)
         if not 0 < subset_fraction <= 1:
             raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -12,9 +12,9 @@ the checkpoint is from the middle of an epoch). Under DDP the sampler shards its
 on every rank.
 
 :class:`BalancedEpochSampler` draws each epoch's keys with replacement, every class equally likely, from the
-same (seed, epoch) generator, and shards and resumes the same way. A sample drawn twice in one epoch is
-augmented twice differently: its r-th repeat carries the "epoch" ``epoch + r * 2**32`` in its key, which the
-datasets use only to seed augmentation.
+same (seed, epoch) generator (class-aware on multi-label data), and shards and resumes the same way. A
+sample drawn twice in one epoch is augmented twice differently: its r-th repeat carries the "epoch"
+``epoch + r * 2**32`` in its key, which the datasets use only to seed augmentation.
 """
 from __future__ import annotations
 
@@ -176,16 +176,32 @@ class EpochSeededSampler(DistributedSampler):
 REPEAT_STRIDE = 1 << 32  # added to the key's epoch for each repeat of an index within a balanced epoch
 
 
+def class_aware_probs(targets: np.ndarray) -> np.ndarray:
+    """(N,) probabilities of class-aware sampling (Shen et al. 2016) for multi-label 0/1 ``targets`` (N, C): a
+    class is picked uniformly among those with positives (images without any label form one more class), then
+    one of its images uniformly; p_i = mean over the picked classes of [i holds c] / count(c). On one-hot
+    targets this is class-balanced sampling. Rare labels are drawn more often, and so are the labels that
+    co-occur with them: the positives per class even out, but not exactly."""
+    t = np.asarray(targets) > 0
+    empty = ~t.any(axis=1)
+    if empty.any():
+        t = np.concatenate([t, empty[:, None]], axis=1)
+    counts = t.sum(axis=0)
+    present = counts > 0
+    return (t[:, present] / counts[present]).sum(axis=1) / present.sum()
+
+
 class BalancedEpochSampler(EpochSeededSampler):
     """Class-balanced sampling with replacement: an epoch is ``num_samples`` keys, index i drawn with
     probability proportional to ``1 / count(labels[i])`` (every class equally likely), the draw a function of
     (seed, epoch) only. Shards, resumes (``resume_at``) and sets its epoch as :class:`EpochSeededSampler`.
+    Multi-label ``labels`` (N, C) are drawn by class-aware sampling (:func:`class_aware_probs`).
 
     The r-th repeat (r >= 1) of an index within an epoch is keyed ``(index, epoch + r * 2**32)``, so that
     its augmentation differs from the first draw's (datasets seed augmentation from the key).
 
     Args:
-        labels: class index of every sample of the dataset.
+        labels: class index of every sample of the dataset (N,), or multi-label 0/1 targets (N, C).
         seed: base seed.
         num_samples: keys per epoch (default: the dataset length, the same budget as plain shuffling).
         num_replicas, rank: the shard to yield (default: from the process group, else 1 and 0).
@@ -194,12 +210,16 @@ class BalancedEpochSampler(EpochSeededSampler):
     def __init__(self, labels: Sequence[int], seed: int = 0, num_samples: Optional[int] = None,
                  num_replicas: Optional[int] = None, rank: Optional[int] = None):
         labels = np.asarray(labels, dtype=np.int64)
-        if labels.ndim != 1 or len(labels) == 0 or (labels < 0).any():
-            raise ValueError(f"BalancedEpochSampler needs a 1-D list of class indices >= 0, got shape {labels.shape}")
+        if labels.ndim not in (1, 2) or len(labels) == 0 or (labels < 0).any():
+            raise ValueError("BalancedEpochSampler needs class indices >= 0 (N,) or 0/1 multi-label targets (N, C), "
+                             f"got shape {labels.shape}")
         super().__init__(len(labels) if num_samples is None else int(num_samples), seed=seed, shuffle=True,
                          num_replicas=num_replicas, rank=rank)
-        inverse = 1.0 / np.bincount(labels)[labels]
-        self.probs = torch.from_numpy(inverse / inverse.sum())  # (n,) float64, sums to 1
+        if labels.ndim == 2:
+            self.probs = torch.from_numpy(class_aware_probs(labels))
+        else:
+            inverse = 1.0 / np.bincount(labels)[labels]
+            self.probs = torch.from_numpy(inverse / inverse.sum())  # (n,) float64, sums to 1
 
     def epoch_keys(self) -> List[Tuple[int, int]]:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))

@@ -11,8 +11,8 @@ from vitmha.data.base import BaseDataModule, abspath
 from vitmha.data.channels import ChannelOptions, check_model_channels
 from vitmha.data.datasets import ImageMaskDataset, PredictDataset
 from vitmha.data.errors import DataValidationError, Problem
-from vitmha.data.io import (check_image, expand_paths, image_size_of, list_dir, parallel_map, raise_or_skip,
-                            read_mask)
+from vitmha.data.io import (check_image, expand_paths, list_dir, parallel_map, raise_or_skip, read_mask,
+                            stored_and_upright_size)
 from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval, segmentation_train
 
 SPLITS = ("train", "val", "test")
@@ -37,9 +37,14 @@ def check_pair(image: str, mask: str, num_classes: int, ignore_index: int, reduc
     except Exception as e:
         return problems + [(rel_m, f"unreadable mask ({e or type(e).__name__})")]
     if not err:
-        isize = image_size_of(image, in_chans)
+        stored, isize, orientation = stored_and_upright_size(image, in_chans)
         if isize != msize:
-            problems.append((rel_m, f"{msize[0]}×{msize[1]}, image is {isize[0]}×{isize[1]} (W×H)"))
+            why = ""
+            if orientation != 1 and stored == msize:
+                why = (f": the mask follows the image's stored pixels, but the image is read upright (EXIF "
+                       f"orientation {orientation}); write the mask for the upright image, or drop the image's "
+                       f"orientation tag")
+            problems.append((rel_m, f"{msize[0]}×{msize[1]}, image is {isize[0]}×{isize[1]} (W×H){why}"))
     values = np.unique(m)
     lo, hi = (1, num_classes) if reduce_zero_label else (0, num_classes - 1)
     allowed_extra = {ignore_index} | ({0} if reduce_zero_label else set())
@@ -57,8 +62,10 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
 
     Images are png, jpg or tif(f): 8-bit RGB with ``in_chans: 3``; with any other ``in_chans`` each file's own
     channels as float in [0, 1] (grey: 1, multi-band TIFF (H, W, C) or planar (C, H, W): C; 16-bit scaled by
-    65535 or ``max_pixel_value``). Masks are one-channel PNGs (palette PNGs give their indices) whose pixels
-    are class indices, with ``ignore_index`` for unlabelled pixels. Every pair is checked in ``setup``
+    65535 or ``max_pixel_value``), upright (EXIF orientation applied). Masks are one-channel PNGs (palette PNGs
+    give their indices) whose pixels are class indices, with ``ignore_index`` for unlabelled pixels, read as
+    stored (no orientation tag applied: label maps are drawn on the upright image; one that follows a photo's
+    stored pixel grid is reported). Every pair is checked in ``setup``
     (missing partner, size mismatch, extra or missing channels, labels out of range) and all problems are
     reported at once. Batches are ``(image (B,C,H,W) float32, mask (B,H,W) int64)``; predict batches are dicts
     ``{"image", "path", "orig_size" (B,2) (H,W)}`` with images resized to image_size.
@@ -160,7 +167,8 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
     def _train_paths(self) -> List[str]:
         return [image for image, _ in self.validate_files()["train"]]
 
-    def _list_split(self, split: str, problems: List[Problem], bad: List[Problem]) -> List[Tuple[str, str]]:
+    def _list_split(self, split: str, problems: List[Problem], bad: List[Problem],
+                    junk: List[Problem]) -> List[Tuple[str, str]]:
         folder = os.path.join(self.root, split)
         idir, mdir = os.path.join(folder, "images"), os.path.join(folder, "masks")
         for d in (idir, mdir):
@@ -169,7 +177,7 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
         if not (os.path.isdir(idir) and os.path.isdir(mdir)):
             return []
         images: Dict[str, str] = {}
-        for n in list_dir(idir):
+        for n in list_dir(idir, junk):
             p = os.path.join(idir, n)
             stem, ext = os.path.splitext(n)
             if os.path.isdir(p):
@@ -183,7 +191,7 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
             else:
                 images[stem] = p
         masks: Dict[str, str] = {}
-        for n in list_dir(mdir):
+        for n in list_dir(mdir, junk):
             p = os.path.join(mdir, n)
             stem, ext = os.path.splitext(n)
             if os.path.isdir(p):
@@ -210,6 +218,7 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
             return self._items
         problems: List[Problem] = []
         bad: List[Problem] = []
+        junk: List[Problem] = []  # hidden/system files: skipped, reported in one line
         items: Dict[str, List[Tuple[str, str]]] = {}
         if not os.path.isdir(self.root):
             raise DataValidationError([(self.root, "data root does not exist")])
@@ -218,7 +227,7 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
                 if split != "test":
                     problems.append((split + "/", f"missing split folder (expected {split}/images and {split}/masks)"))
                 continue
-            items[split] = self._list_split(split, problems, bad)
+            items[split] = self._list_split(split, problems, bad, junk)
         if self.check_files:
             for split, lst in items.items():
                 chans = self.in_chans if self.raw else None
@@ -230,7 +239,7 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
                     if not errs:
                         keep.append(pair)
                 items[split] = keep
-        raise_or_skip(problems, bad, self.skip_bad_files, self.root)
+        raise_or_skip(problems, bad, self.skip_bad_files, self.root, junk)
         for split in ("train", "val"):
             if not items.get(split):
                 raise DataValidationError([(split + "/", "no usable image/mask pairs left")])
@@ -256,11 +265,12 @@ class SegmentationFolderDataModule(ChannelOptions, BaseDataModule):
 
     def _setup_predict(self) -> None:
         specs = self.predict_paths or [os.path.join(self.root, "predict")]
-        files, problems = expand_paths(specs, base=self.root)
+        junk: List[Problem] = []
+        files, problems = expand_paths(specs, base=self.root, junk=junk)
         if problems or not files:
             raise DataValidationError(problems or [(str(specs), "no images to predict on")])
         bad = [(p, e) for p, e in zip(files, parallel_map(self.check_image, files)) if e] if self.check_files else []
-        raise_or_skip([], bad, self.skip_bad_files, self.root)
+        raise_or_skip([], bad, self.skip_bad_files, self.root, junk)
         badset = {p for p, _ in bad}
         self.datasets["predict"] = PredictDataset([f for f in files if f not in badset], self.val_transform,
                                                   self.image_size, read=self.read)

@@ -17,9 +17,10 @@ from albumentations.core.composition import BaseCompose
 from albumentations.core.transforms_interface import BaseTransformInitSchema, BasicTransform, ImageOnlyTransform
 from albumentations.pytorch import ToTensorV2
 from pydantic import Field
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the normalisation used when neither the user nor the backbone's pretrained config gives one: timm's constants
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 #: a pipeline from YAML: a list of albumentations transforms (class_path/init_args), albumentations' own
 #: serialised dict, or None for the data module's default
@@ -102,6 +103,15 @@ def classification_train(
         ),
         A.OneOf([A.GaussianBlur(blur_limit=(3, 5), p=1.0), A.GaussNoise(std_range=(0.02, 0.06), p=1.0)], p=0.1),
     ]
+    return A.Compose(_finish(ops, mean, std), mask_interpolation=MASK_INTERP)
+
+
+def mae_train(image_size: int, mean, std, hflip: float = 0.5, scale: Tuple[float, float] = (0.2, 1.0)) -> A.Compose:
+    """MAE's pre-training augmentation (He et al. 2022; facebookresearch/mae ``main_pretrain.py``):
+    RandomResizedCrop (area ``scale``, ratio 3/4-4/3, bicubic), horizontal flip, no colour jitter."""
+    s = int(image_size)
+    ops = [A.RandomResizedCrop(size=(s, s), scale=tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=cv2.INTER_CUBIC),
+           A.HorizontalFlip(p=hflip)]
     return A.Compose(_finish(ops, mean, std), mask_interpolation=MASK_INTERP)
 
 
