@@ -192,6 +192,13 @@ class BestCheckpoint(ModelCheckpoint):
             self.filename = self.filename or _checkpoint_filename(monitor)
         super().setup(trainer, pl_module, stage)
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # without validation batches (a run that trains on all its data) there is no metric to rank by:
+        # last.ckpt is the checkpoint, instead of a warning that the monitored key is missing
+        if sum(trainer.num_val_batches or [0]) == 0 and self.monitor not in trainer.callback_metrics:
+            return
+        super().on_train_epoch_end(trainer, pl_module)
+
 
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt``, rewritten at the end of every training epoch (also when the monitored metric did not

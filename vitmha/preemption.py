@@ -51,7 +51,8 @@ class Preemption(Callback):
         if callable(kill) and self._trainer.is_global_zero:
             kill(signum)  # ranks this process started itself get the signal too (Lightning does the same)
 
-    def _install(self, trainer: Any) -> None:
+    def install(self, trainer: Any) -> None:
+        """Handle SIGTERM and SIGUSR1 from now until the run ends (the previous handlers are restored then)."""
         if threading.current_thread() is not threading.main_thread():
             return
         self._trainer = trainer
@@ -60,7 +61,8 @@ class Preemption(Callback):
                 self._previous.setdefault(signum, signal.getsignal(signum))
                 signal.signal(signum, self._handler)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back the handlers that were there before :meth:`install`."""
         if threading.current_thread() is not threading.main_thread():
             return
         for signum, handler in self._previous.items():
@@ -72,19 +74,19 @@ class Preemption(Callback):
     # alone), and again once training starts, since Lightning adds its own SIGTERM handler right before
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            self._install(trainer)
+            self.install(trainer)
 
     def on_sanity_check_start(self, trainer: Any, pl_module: Any) -> None:
-        self._install(trainer)
+        self.install(trainer)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._install(trainer)
+        self.install(trainer)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._install(trainer)
+        self.install(trainer)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._restore()
+        self.restore()
 
     # ----------------------------------------------------------------- stopping
     def _agreed(self, trainer: Any) -> Optional[int]:
@@ -107,7 +109,7 @@ class Preemption(Callback):
                    f"resumable checkpoint: {path} (continue with --ckpt_path {path}, or --ckpt_path last)")
         if trainer.is_global_zero:
             print(f"vitmha: {message}", file=sys.stderr, flush=True)
-        self._restore()
+        self.restore()
         raise Preempted(message)
 
 

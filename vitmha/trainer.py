@@ -99,3 +99,14 @@ class Trainer(L.Trainer):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         super().__init__(*args, **kwargs)
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        """``lightning.Trainer.fit``; preemption signals are caught from the start, the data module's setup too."""
+        stoppers = [c for c in self.callbacks if isinstance(c, Preemption)]
+        for callback in stoppers:
+            callback.install(self)
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            for callback in stoppers:
+                callback.restore()
