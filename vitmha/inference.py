@@ -126,6 +126,38 @@ class Preprocess:
         return self.in_chans != 3 or self.max_pixel_value is not None
 
 
+def preprocess_record(pre: Preprocess, task: nn.Module, image_size: Optional[int] = None) -> Dict[str, Any]:
+    """How to turn an image file into the exported model's input, and its output into labels, as plain data
+    (written beside an export and into ONNX metadata): the steps of the run's evaluation pipeline."""
+    kind = task_kind(task)
+    size = int(image_size or pre.image_size)
+    if pre.val_transforms is not None:
+        resize = {"custom": "the run's val_transforms (see the checkpoint's datamodule_hyper_parameters)"}
+    elif kind == "segmentation":
+        resize = {"resize": [size, size], "interpolation": "bilinear"}
+    elif pre.crop_pct:
+        resize = {"resize_shorter_side": int(round(size / pre.crop_pct)), "center_crop": [size, size],
+                  "interpolation": "bicubic", "crop_pct": pre.crop_pct}
+    else:
+        resize = {"resize": [size, size], "interpolation": "bicubic"}
+    if pre.raw:
+        pixels = (f"each file's own {pre.in_chans} channel(s), divided by "
+                  f"{pre.max_pixel_value or 'the dtype maximum (255, 65535, ...)'} into [0, 1]")
+    else:
+        pixels = "RGB (grey replicated, alpha dropped), uint8 divided by 255 into [0, 1]"
+    out = {"task": kind, "input": "float32 NCHW", "channels": pre.in_chans, "pixels": pixels,
+           "exif_orientation": "applied (photos upright)", **resize, "mean": [float(m) for m in pre.mean],
+           "std": [float(s) for s in pre.std], "normalize": "(x - mean) / std per channel",
+           "output": {"classification": "logits (B, classes): softmax for probabilities",
+                      "multilabel": "logits (B, classes): sigmoid per class, a label when above its threshold",
+                      "segmentation": "logits (B, classes, H, W): argmax per pixel"}.get(kind, "model output"),
+           "classes": pre.classes}
+    thresholds = getattr(task, "thresholds", None)
+    if kind == "multilabel" and isinstance(thresholds, torch.Tensor):
+        out["thresholds"] = [round(float(t), 6) for t in thresholds]
+    return out
+
+
 def _backbone_image_size(bb: nn.Module) -> int:
     size = getattr(bb.patch_embed, "img_size", None)
     if size is None:

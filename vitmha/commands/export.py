@@ -13,6 +13,11 @@ PyTorch on a batch of 3 random inputs and the largest difference printed. ``safe
 backbone in timm's key layout, loadable by ``timm.create_model(..., pretrained=True,
 pretrained_cfg_overlay=dict(file=...))``; the exact command is printed.
 
+Every export but ``peft`` gets ``<output stem>.preprocess.json`` beside it (for ONNX also in the model's
+metadata, key ``vitmha.preprocess``): the resize, crop, interpolation, channel order, value range, mean/std
+and how to read the output, taken from the run's own evaluation pipeline; it is printed too. ONNX needs
+``pip install 'vitmha[export]'`` (onnx, onnxruntime, onnxscript).
+
 A model fine-tuned with ``peft`` is exported merged: LoRA / DoRA folded into the base weights (the same
 logits), so the ONNX, TorchScript and timm files are plain ViTs (``--no-merge`` keeps the LoRA layers apart
 in ONNX / TorchScript). VPT prompts and adapters cannot be merged: ONNX and TorchScript hold them as they
@@ -35,7 +40,7 @@ import torch
 from torch import nn
 
 from vitmha.inference import (ToolError, backbone_of, input_channels, load_task, preprocess_config,
-                              read_checkpoint, run_tool)
+                              preprocess_record, read_checkpoint, run_tool)
 from vitmha.peft import merge_peft, parameter_counts, save_trainable, trainable_state_dict
 
 OPSET = 17
@@ -200,6 +205,51 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+EXPORT_PACKAGES = {"onnx": ("onnx", "onnxruntime", "onnxscript")}
+
+
+def require_packages(fmt: str) -> None:
+    """ToolError naming the install command when a format needs packages that are not installed."""
+    import importlib.util
+
+    missing = [m for m in EXPORT_PACKAGES.get(fmt, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ToolError(f"--format {fmt} needs {', '.join(missing)}, which are not installed: "
+                        "pip install 'vitmha[export]'")
+
+
+def write_preprocess(out: Path, record: Dict[str, Any]) -> Path:
+    """``<output stem>.preprocess.json`` beside the export (written atomically); returns its path."""
+    import json
+
+    path = out.with_name(out.stem + ".preprocess.json")
+    tmp = _atomic_target(path)
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def add_onnx_metadata(path: Path, record: Dict[str, Any]) -> None:
+    """The preprocessing record as ONNX metadata (``metadata_props``: key ``vitmha.preprocess``, JSON)."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"vitmha.preprocess": json.dumps(record)})
+    tmp = _atomic_target(path)
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def describe_preprocess(record: Dict[str, Any]) -> str:
+    """The record in a few lines for the console."""
+    steps = ", ".join(f"{k} {v}" for k, v in record.items() if k in ("resize", "resize_shorter_side", "center_crop",
+                                                                    "interpolation", "custom"))
+    return (f"preprocessing: {record['pixels']}; {steps}; mean {record['mean']}, std {record['std']}; "
+            f"output: {record['output']}")
+
+
 @run_tool
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
@@ -208,6 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.no_merge and args.format in ("safetensors", "peft"):
         what = "plain timm weights (merged)" if args.format == "safetensors" else "the unmerged parameters"
         raise ToolError(f"--no-merge applies to onnx and torchscript; --format {args.format} writes {what}")
+    require_packages(args.format)
     ckpt = read_checkpoint(args.checkpoint)
     task = load_task(args.checkpoint, ckpt=ckpt)
     out = Path(args.output)
@@ -222,10 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if not args.no_merge:  # what is exported is what the task evaluates with: its EMA copy when it keeps one
         # a timm file cannot hold prompts or adapters: refused (PeftError) rather than written without them
         merge_peft(task.inference_model, strict=args.format == "safetensors")
-    size = args.image_size or preprocess_config(task, ckpt).image_size
+    pre = preprocess_config(task, ckpt)
+    size = args.image_size or pre.image_size
     c = input_channels(task)
+    record = preprocess_record(pre, task, size)
     if args.format == "onnx":
         info = export_onnx(task, out, size, args.opset)
+        add_onnx_metadata(out, record)
         print(f"wrote {out}: input 'input' (batch, {c}, {size}, {size}), output 'logits'; {info['attention']} "
               f"attention; onnxruntime vs PyTorch max abs diff {info['max_abs_diff']:.2e} (batch of 3)")
     elif args.format == "torchscript":
@@ -235,6 +289,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     else:
         info = export_safetensors(task, out)
         print(f"wrote {out} (timm key layout). Load it with timm:\n\n    import timm\n    model = {info['timm']}\n")
+    info["preprocess"] = str(write_preprocess(out, record))
+    print(f"{describe_preprocess(record)}\nwrote {info['preprocess']} (also in the ONNX metadata)" if args.format == "onnx"
+          else f"{describe_preprocess(record)}\nwrote {info['preprocess']}")
     return info
 
 
