@@ -9,3 +9,13 @@ def test_plain_import_is_light_and_subpackages_resolve():
             "vitmha.data.ImageFolderDataModule.__name__, vitmha.heads.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["classification", "val/miou", "ImageFolderDataModule", "vitmha.heads"]
+
+
+def test_every_public_subpackage_and_entry_point_resolves_after_import_vitmha():
+    code = ("import vitmha; "
+            "names = ['tasks', 'data', 'heads', 'models', 'peft', 'explain', 'search', 'robustness', 'inference', "
+            "'predictions', 'commands', 'trainer', 'callbacks']; "
+            "print(all(getattr(vitmha, n).__name__ == 'vitmha.' + n for n in names), "
+            "vitmha.Trainer.__name__, vitmha.load.__name__, vitmha.tasks.MultiLabelClassifier.task)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "Trainer", "load", "multilabel"]
