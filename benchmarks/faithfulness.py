@@ -4,11 +4,11 @@ AUC (higher is better) and the share of the relevance that falls on the object, 
 
     python benchmarks/faithfulness.py \\
         [--weights ../shared/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors] \\
-        [--more-photos] [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 500]
+        [--more-photos] [--checkpoint fashion_mnist_run/checkpoints/best.ckpt --n 500] [--samples 500] [--quick]
 
 (a) The sample photos data/samples/{chelsea,coffee,astronaut}.jpg (with ``--more-photos`` also scikit-learn's
 china.jpg and flower.jpg and matplotlib's grace_hopper.jpg, installed with those packages) with timm's real
-ImageNet ViT-Ti (resized whole to 224 px, as tools/explain.py shows them), each explained for its top-1
+ImageNet ViT-Ti (resized whole to 224 px, as `vitmha explain` shows them), each explained for its top-1
 ImageNet class. The object
 share is measured on the hand-drawn cat outline (data/samples/chelsea_cat_outline.json): on the photo and on
 the cat pasted at half size onto a grey canvas (benchmarks/attention_share.py's two scenes).
@@ -18,7 +18,9 @@ test set (as its data module feeds them), each explained for its predicted class
 
 Deletion fills the most relevant patches first with the image's mean colour ("mean") or with its blur
 ("blur", σ = half a patch); insertion puts them back into the blurred image. The x-axis is the fraction of
-patches, so every AUC is in [0, 1]. "random" ranks the patches at random (one seeded draw per image).
+patches, so every AUC is in [0, 1]. "random" ranks the patches at random (one seeded draw per image). The
+last column is each map's cost per image in seconds (LIME and KernelSHAP: ``--samples`` forwards each).
+``--quick``: chelsea.jpg alone, no object share, 8-step curves, 32 samples (about a minute on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vitmha.explain import (METHODS, Target, area_share, auc, deletion_curve, explain, insertion_curve,  # noqa: E402
-                            relevance_share)
+from vitmha.explain import (DEFAULT_SAMPLES, METHODS, Target, area_share, auc, deletion_curve,  # noqa: E402
+                            explain, insertion_curve, relevance_share)
 
 SAMPLES = ROOT / "data" / "samples"
 PHOTOS = ("chelsea", "coffee", "astronaut")
@@ -62,12 +64,12 @@ NAME = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 COLUMNS = ("del_mean", "del_blur", "ins")
 
 
-def relevance_maps(model, backbone, x, target, methods, seed: int) -> Dict[str, torch.Tensor]:
+def relevance_maps(model, backbone, x, target, methods, seed: int, samples: int = DEFAULT_SAMPLES):
     """{method: map} plus "random", and {method: seconds} of computing each."""
     maps, secs = {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        maps[m] = explain(model, backbone, x, target, [m])[m]
+        maps[m] = explain(model, backbone, x, target, [m], samples=samples)[m]
         secs[m] = time.perf_counter() - t0
     grid = next(iter(maps.values())).shape
     maps["random"] = torch.rand(grid, generator=torch.Generator().manual_seed(seed))
@@ -90,24 +92,25 @@ def _mean_sem(v: List[float]) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1) / np.sqrt(len(v)):.3f}"
 
 
-def photos(weights: str, methods, steps: int, more: bool = False) -> None:
+def photos(weights: str, methods, steps: int, more: bool = False, samples: int = DEFAULT_SAMPLES,
+           quick: bool = False) -> None:
     from attention_share import cat_scenes
 
     from vitmha.inference import eval_transform, pretrained_backbone, read_image
 
     bb, pre = pretrained_backbone(NAME, weights)
-    pre.crop_pct = None  # the whole image, as tools/explain.py shows it
+    pre.crop_pct = None  # the whole image, as `vitmha explain` shows it
     tf = eval_transform(pre, "classification")
     patch = tuple(bb.patch_embed.patch_size)
     rows = {m: {c: [] for c in COLUMNS} for m in (*methods, "random")}
     per_photo, secs = [], {m: [] for m in (*methods, "random")}
-    paths = photo_paths(more)
+    paths = {"chelsea": SAMPLES / "chelsea.jpg"} if quick else photo_paths(more)
     for k, (name, path) in enumerate(paths.items()):
         x = tf(image=read_image(str(path)))["image"][None]
         with torch.no_grad():
             p = bb(x).softmax(-1)[0]
         target = Target(int(p.argmax()))
-        maps, sec = relevance_maps(bb, bb, x, target, methods, seed=k)
+        maps, sec = relevance_maps(bb, bb, x, target, methods, seed=k, samples=samples)
         line = {}
         for m, r in maps.items():
             a = curves(bb, x, target, r, patch, steps)
@@ -119,24 +122,25 @@ def photos(weights: str, methods, steps: int, more: bool = False) -> None:
         print(f"{name}: {pre.classes[target.class_index]} ({float(p.max()):.2f})", file=sys.stderr)
     shares = {m: [] for m in rows}
     chance = []
-    for k, (_, image, mask) in enumerate(cat_scenes()):
+    for k, (_, image, mask) in enumerate([] if quick else cat_scenes()):
         x = tf(image=image)["image"][None]
         with torch.no_grad():
             target = Target(int(bb(x).argmax()))
-        maps, _ = relevance_maps(bb, bb, x, target, methods, seed=100 + k)
+        maps, _ = relevance_maps(bb, bb, x, target, methods, seed=100 + k, samples=samples)
         mask = torch.as_tensor(mask, dtype=torch.float32)
         chance.append(area_share(mask, bb.patch_embed.grid_size))
         for m, r in maps.items():
             shares[m].append(relevance_share(r, mask))
     print(f"\n(a) sample photos, real ViT-Ti ({NAME}), 224 px, {bb.patch_embed.grid_size[0]}² patches, "
           f"{steps} steps; mean over {', '.join(paths)}")
+    share_heads = [f"share on the cat, photo (chance {chance[0]:.2f})",
+                   f"share on the cat on grey (chance {chance[1]:.2f})"] if chance else []
     print("\n| method | deletion AUC, mean fill ↓ | deletion AUC, blur fill ↓ | insertion AUC ↑ | "
-          "share on the cat, "
-          f"photo (chance {chance[0]:.2f}) | share on the cat on grey (chance {chance[1]:.2f}) | s per map |")
-    print("|---|---|---|---|---|---|---|")
+          + "".join(f"{h} | " for h in share_heads) + "s per image |")
+    print("|---|" + "---|" * (4 + len(share_heads)))
     for m, r in rows.items():
         print(f"| {m} | {np.mean(r['del_mean']):.3f} | {np.mean(r['del_blur']):.3f} | {np.mean(r['ins']):.3f} | "
-              f"{shares[m][0]:.2f} | {shares[m][1]:.2f} | {np.mean(secs[m]):.2f} |")
+              + "".join(f"{v:.2f} | " for v in shares[m]) + f"{np.mean(secs[m]):.2f} |")
     print("\nper photo (deletion mean fill / deletion blur fill / insertion):\n")
     print("| method | " + " | ".join(f"{n}: {c} ({q:.2f})" for n, c, q, _ in per_photo) + " |")
     print("|---|" + "---|" * len(per_photo))
@@ -145,7 +149,7 @@ def photos(weights: str, methods, steps: int, more: bool = False) -> None:
                                        for *_, a in per_photo) + " |")
 
 
-def fashion(checkpoint: str, n: int, methods, steps: int) -> None:
+def fashion(checkpoint: str, n: int, methods, steps: int, samples: int = DEFAULT_SAMPLES) -> None:
     from vitmha.data import FashionMNISTDataModule
     from vitmha.inference import backbone_of, load_task, preprocess_config, read_checkpoint
 
@@ -172,7 +176,7 @@ def fashion(checkpoint: str, n: int, methods, steps: int) -> None:
             pred = int(task(x).argmax())
         correct += pred == y
         target = Target(pred)
-        maps, sec = relevance_maps(task, bb, x, target, methods, seed=i)
+        maps, sec = relevance_maps(task, bb, x, target, methods, seed=i, samples=samples)
         garment = ((x[0] * std + mean).mean(0) > 0.1).float()
         grid = next(iter(maps.values())).shape
         chance.append(area_share(garment, tuple(grid), patch))
@@ -190,7 +194,7 @@ def fashion(checkpoint: str, n: int, methods, steps: int) -> None:
           f"({correct}/{n} correct); mean ± s.e.m. over the images")
     print("\n| method | deletion AUC, mean fill ↓ | deletion AUC, blur fill ↓ | insertion AUC ↑ | "
           "share on the garment "
-          f"(chance {np.mean(chance):.2f}) | deletion (mean fill) below attention's | s per map |")
+          f"(chance {np.mean(chance):.2f}) | deletion (mean fill) below attention's | s per image |")
     print("|---|---|---|---|---|---|---|")
     ref = np.asarray(rows["attention"]["del_mean"]) if "attention" in rows else None
     for m, r in rows.items():
@@ -231,13 +235,18 @@ def main(argv=None) -> int:
     ap.add_argument("--photo-steps", type=int, default=49, help="curve steps on the photos (196 patches; default 49)")
     ap.add_argument("--fashion-steps", type=int, default=64,
                     help="curve steps on Fashion-MNIST (at most one per patch)")
+    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                    help=f"LIME and KernelSHAP samples per map (default {DEFAULT_SAMPLES}, as vitmha explain)")
+    ap.add_argument("--quick", action="store_true", help="chelsea.jpg only, 8-step curves, 32 samples (a smoke run)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.quick:
+        args.photo_steps, args.samples, args.n = 8, 32, min(args.n, 5)
     if args.weights:
-        photos(args.weights, methods, args.photo_steps, args.more_photos)
+        photos(args.weights, methods, args.photo_steps, args.more_photos, args.samples, args.quick)
     if args.checkpoint:
-        fashion(args.checkpoint, args.n, methods, args.fashion_steps)
+        fashion(args.checkpoint, args.n, methods, args.fashion_steps, args.samples)
     return 0
 
 

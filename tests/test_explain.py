@@ -1,4 +1,4 @@
-"""vitmha.explain (relevance maps, deletion/insertion, object share) and tools/explain.py."""
+"""vitmha.explain (relevance maps, deletion/insertion, object share) and `vitmha explain`."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,12 @@ from torch import nn
 
 from tests.helpers import REPO, assert_real_png, load_tool, run_tool
 from vitmha import VisionTransformer
+from captum._utils.models.linear_model import SkLearnRidge
+from captum.attr import IntegratedGradients, Lime
+
 from vitmha.explain import (METHODS, Target, area_share, auc, chefer_map, deletion_curve, explain, gaussian_blur,
-                            gradcam_map, ig_map, insertion_curve, occlusion_map, relevance_share)
+                            gradcam_map, ig_map, insertion_curve, kernelshap_map, lime_map, occlusion_map,
+                            patch_mask, relevance_share)
 from vitmha.visualize import attention_rollout
 
 explain_tool = load_tool("explain")
@@ -48,6 +52,21 @@ def manual_forward(bb: VisionTransformer, x: torch.Tensor):
         t = t + blk.attn.proj((a @ v).transpose(1, 2).reshape(B, N, D))
         t = t + blk.mlp(blk.norm2(t))
     return bb.head(bb.norm(t)[:, 0]), probs, normed
+
+
+class OnePatchDecides(nn.Module):
+    """Two classes; class 1's logit rises steeply with the mean brightness of patch (1, 2) of a 4×4 grid of
+    8-px patches: that patch alone decides. ``vit`` is only there for its patch grid (its patch embedding runs
+    on the input, its output unused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = tiny_vit()
+
+    def forward(self, x):
+        self.vit.patch_embed(x)
+        s = 20 * (x[:, :, 8:16, 16:24].mean((1, 2, 3)) - 0.8)
+        return torch.stack([torch.zeros_like(s), s], 1)
 
 
 # ------------------------------------------------------------------------------------------- every method
@@ -124,6 +143,22 @@ def test_gradcam_matches_a_hand_computed_grad_cam_of_the_last_blocks_tokens():
     assert got.max() > 0
 
 
+def test_gradcam_stays_on_the_token_grid_because_an_upsampled_cam_reorders_the_patches():
+    """Why vitmha keeps its own Grad-CAM: pytorch-grad-cam 1.5.7 returns the same CAM min-max scaled and resized
+    to the input's pixels (cv2.resize, bilinear, in its scale_cam_image); that picture's patch means are not the
+    patch values, and their order, which the deletion curves rank by, differs."""
+    import cv2
+
+    bb = tiny_vit(img_size=64)                                      # an 8×8 grid
+    cam = gradcam_map(bb, bb, torch.randn(1, 3, 64, 64), Target(1))
+    scaled = (cam - cam.min()) / (1e-7 + (cam - cam.min()).max())
+    picture = torch.from_numpy(cv2.resize(scaled.numpy().astype(np.float32), (64, 64)))
+    patch_means = picture.reshape(8, 8, 8, 8).mean((1, 3))
+    order = lambda m: torch.argsort(m.flatten(), descending=True, stable=True)  # noqa: E731
+    assert not torch.equal(order(cam), order(patch_means))
+    assert (patch_means - scaled).abs().max() > 0.05
+
+
 def test_occlusion_matches_an_explicit_loop_over_the_patches():
     bb = tiny_vit(img_size=(32, 48))
     x = torch.randn(1, 3, 32, 48)
@@ -139,18 +174,36 @@ def test_occlusion_matches_an_explicit_loop_over_the_patches():
     assert torch.allclose(got, want, atol=1e-6)
 
 
-def test_integrated_gradients_equal_captums_summed_per_patch_on_a_non_square_padded_input():
-    captum_attr = pytest.importorskip("captum.attr", reason="captum (a dev dependency) is the reference")
+def test_occlusion_with_a_window_averages_the_squares_covering_each_patch_of_a_padded_input():
+    bb = tiny_vit(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
+    x = torch.randn(1, 3, 30, 44)                                   # a 4×6 grid, the last row/column partial
+    fill = x.mean((-2, -1))[..., None, None]
+    total, count = torch.zeros(4, 6), torch.zeros(4, 6)
+    with torch.no_grad():
+        p0 = bb(x).softmax(-1)[0, 2]
+        for i in range(3):
+            for j in range(5):
+                xo = x.clone()
+                xo[..., i * 8:(i + 2) * 8, j * 8:(j + 2) * 8] = fill
+                total[i:i + 2, j:j + 2] += p0 - bb(xo).softmax(-1)[0, 2]
+                count[i:i + 2, j:j + 2] += 1
+    got = occlusion_map(bb, bb, x, Target(2), window=2, batch_size=4)
+    assert torch.allclose(got, total / count, atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "blur"])
+def test_integrated_gradients_are_captums_pixel_attributions_summed_per_patch_of_a_padded_input(baseline):
+    """The per-patch sums (partial last row and column included) of Captum's IG from the stated baseline."""
     bb = tiny_vit(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
     x = torch.randn(1, 3, 30, 44)                                   # padded to a 4×6 grid inside the model
-    x0 = x.mean((-2, -1), keepdim=True).expand_as(x)
-    ig = captum_attr.IntegratedGradients(lambda t: bb(t))
+    x0 = x.mean((-2, -1), keepdim=True).expand_as(x) if baseline == "mean" else gaussian_blur(x, 4.0)
+    ig = IntegratedGradients(lambda t: bb(t))
     ref = ig.attribute(x, baselines=x0, target=1, n_steps=16, method="riemann_middle")[0].sum(0)   # (30, 44)
     want = torch.zeros(4, 6)
     for i in range(4):
         for j in range(6):
             want[i, j] = ref[i * 8:(i + 1) * 8, j * 8:(j + 1) * 8].sum()
-    got = ig_map(bb, bb, x, Target(1), steps=16, batch_size=5)
+    got = ig_map(bb, bb, x, Target(1), steps=16, baseline=baseline, batch_size=5)
     assert got.shape == (4, 6)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
@@ -170,7 +223,8 @@ def test_integrated_gradients_add_up_to_the_score_difference(baseline):
 
 
 def test_integrated_gradients_of_a_linear_model_are_input_times_weight():
-    """For a linear score the path integral is exact with one point: (x - x0) · w, summed per patch."""
+    """For a linear score the path integral is exact with any number of points (Captum's midpoint rule takes
+    at least two): (x - x0) · w, summed per patch."""
     class Linear(nn.Module):
         def __init__(self):
             super().__init__()
@@ -186,9 +240,67 @@ def test_integrated_gradients_of_a_linear_model_are_input_times_weight():
     x0 = x.mean((-2, -1), keepdim=True)
     contrib = ((x - x0) * lin.w[0])[0].sum(0)
     want = contrib.reshape(4, 8, 4, 8).sum((1, 3))
-    assert torch.allclose(ig_map(lin, lin.vit, x, Target(0), steps=1), want, atol=1e-5)
-    with pytest.raises(ValueError, match="steps"):
-        ig_map(lin, lin.vit, x, Target(0), steps=0)
+    assert torch.allclose(ig_map(lin, lin.vit, x, Target(0), steps=2), want, atol=1e-5)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        ig_map(lin, lin.vit, x, Target(0), steps=1)
+
+
+# ------------------------------------------------------------------------------------------- LIME, KernelSHAP
+def _prob(model, c):
+    return lambda t: model(t).softmax(-1)[:, c]
+
+
+def test_lime_is_captums_lime_with_one_feature_per_patch_and_the_mean_colour_baseline():
+    bb = tiny_vit(img_size=(32, 48))
+    x = torch.randn(1, 3, 32, 48)
+    mask = torch.arange(24).view(4, 6).repeat_interleave(8, 0).repeat_interleave(8, 1)[None, None]
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = Lime(_prob(bb, 1), interpretable_model=SkLearnRidge(alpha=1.0)).attribute(
+            x, baselines=x.mean((-2, -1), keepdim=True).expand_as(x), feature_mask=mask, n_samples=96,
+            return_input_shape=False)
+    got = lime_map(bb, bb, x, Target(1), samples=96, seed=7, batch_size=10)
+    assert got.shape == (4, 6)
+    assert torch.allclose(got.flatten(), want.flatten().float(), atol=1e-5)
+    assert torch.equal(patch_mask((4, 6), (8, 8), (32, 48)), mask)
+
+
+def test_kernelshap_values_add_up_to_the_probability_change_from_the_mean_colour():
+    """Efficiency: the Shapley values sum to prob(x) - prob(baseline); Captum's regression pins both ends."""
+    bb = tiny_vit(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
+    x = torch.randn(1, 3, 30, 44)                                   # 24 patches, the last row/column partial
+    with torch.no_grad():
+        diff = float(bb(x).softmax(-1)[0, 0] - bb(x.mean((-2, -1), keepdim=True).expand_as(x)).softmax(-1)[0, 0])
+    got = kernelshap_map(bb, bb, x, Target(0), samples=200, seed=0)
+    assert got.shape == (4, 6)
+    assert float(got.sum()) == pytest.approx(diff, abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernelshap"])
+def test_sampled_methods_are_seeded_and_leave_the_global_random_state_alone(method):
+    bb = tiny_vit()
+    x = torch.randn(1, 3, 32, 32)
+    fn = METHODS[method]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = fn(bb, bb, x, Target(1), samples=64, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, fn(bb, bb, x, Target(1), samples=64, seed=1))
+    assert not torch.equal(a, fn(bb, bb, x, Target(1), samples=64, seed=2))
+    assert torch.equal(explain(bb, bb, x, Target(1), [method], samples=64, seed=1)[method], a)
+    with pytest.raises(ValueError, match="samples must be >= 1"):
+        fn(bb, bb, x, Target(1), samples=0)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernelshap", "occlusion", "ig"])
+def test_perturbation_methods_find_the_one_patch_that_decides(method):
+    model = OnePatchDecides()
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 0.3
+    x[..., 8:16, 16:24] += 1.0
+    kw = {"samples": 128} if method in ("lime", "kernelshap") else {}
+    m = METHODS[method](model, model.vit, x, Target(1), **kw)
+    assert divmod(int(m.argmax()), 4) == (1, 2)
 
 
 def test_segmentation_target_is_the_class_logits_summed_over_the_region_of_a_padded_input():
@@ -226,13 +338,6 @@ def test_a_class_index_out_of_range_is_an_error():
 
 
 # ------------------------------------------------------------------------------------------- faithfulness
-class OnePatchDecides(nn.Module):
-    """Two classes; class 1's logit rises steeply with the mean brightness of patch (1, 2) of a 4×4 grid of
-    8-px patches: that patch alone decides."""
-
-    def forward(self, x):
-        s = 20 * (x[:, :, 8:16, 16:24].mean((1, 2, 3)) - 0.8)
-        return torch.stack([torch.zeros_like(s), s], 1)
 
 
 def test_an_oracle_ranking_deletes_faster_and_inserts_faster_than_random_rankings():
@@ -301,6 +406,34 @@ def test_relevance_share_counts_each_patch_by_its_share_of_the_mask():
     assert area_share(mask, (4, 4)) == pytest.approx(5 / 16)
 
 
+def test_the_explain_modules_import_one_way():
+    """No import cycle inside vitmha.explain (module-level and deferred imports alike)."""
+    import ast
+
+    folder = REPO / "vitmha" / "explain"
+    graph = {}
+    for f in folder.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitmha.explain."):
+                names.add(node.module.rsplit(".", 1)[-1])
+        graph[f.stem] = names - {f.stem}
+    done, visiting = set(), []
+
+    def visit(m):
+        assert m not in visiting, f"import cycle: {' -> '.join(visiting + [m])}"
+        if m not in done:
+            visiting.append(m)
+            for n in graph.get(m, ()):
+                visit(n)
+            visiting.pop()
+            done.add(m)
+
+    for m in graph:
+        visit(m)
+    assert "methods" not in graph["faithfulness"] and "faithfulness" not in graph["methods"]
+
+
 # ------------------------------------------------------------------------------------------- the tool
 def test_tool_writes_every_method_side_by_side_for_a_classifier(ckpts, tmp_path):
     out = tmp_path / "ex.png"
@@ -309,6 +442,16 @@ def test_tool_writes_every_method_side_by_side_for_a_classifier(ckpts, tmp_path)
     assert img.shape[1] > 5 * 150  # image + five panels
     assert list(res["maps"]) == list(METHODS) and res["maps"]["chefer"].shape == (4, 4)
     assert set(res["notes"]) == set(METHODS) and "del" in res["notes"]["gradcam"]
+
+
+def test_tool_passes_samples_and_seed_to_lime_and_kernelshap(ckpts, tmp_path):
+    def run(seed):
+        return explain_tool.main(["--checkpoint", ckpts["clf"], "--input", SAMPLE, "--output", tmp_path / "l.png",
+                                  "--method", "lime,kernelshap", "--samples", "48", "--seed", str(seed)])["maps"]
+
+    a, b, c = run(0), run(0), run(1)
+    assert list(a) == ["lime", "kernelshap"] and a["lime"].shape == (4, 4)
+    assert all(torch.equal(a[m], b[m]) for m in a) and not torch.equal(a["kernelshap"], c["kernelshap"])
 
 
 def test_tool_explains_a_class_by_name_over_a_segmenters_box(ckpts, tmp_path):
@@ -342,7 +485,8 @@ def test_tool_runs_on_a_backbone_and_weights_file(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--input", "no/such.jpg"], "error: no/such.jpg: no such image file"),
     (["--method", "gradcam,lrp"], "error: --method lrp: unknown method; expected attention, rollout, chefer, "
-                                  "gradcam, ig, occlusion or all"),
+                                  "gradcam, ig, occlusion, lime, kernelshap or all"),
+    (["--samples", "0"], "error: --samples 0: expected a positive number of samples"),
     (["--class", "3"], "error: --class 3: out of range; the model has 3 classes (0-2)"),
     (["--class", "purple"], "error: --class purple: no such class name; the classes are blue, green, red"),
 ])

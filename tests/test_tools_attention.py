@@ -1,4 +1,4 @@
-"""tools/attention.py and the attention helpers of vitmha.visualize: per-head maps, rollout, the PNG grid."""
+"""`vitmha attention` and the attention helpers of vitmha.visualize: per-head maps, rollout, the PNG grid."""
 from __future__ import annotations
 
 import pytest

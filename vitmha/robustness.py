@@ -2,11 +2,11 @@
 
 Everything happens in **pixel space**: a batch the data module normalised is taken back to pixels
 (``x * std + mean``, the image after the eval resize, values in [0, 1]), corrupted or attacked there, clamped
-to [0, 1] and normalised again for the model. The corruptions are written here with torch (JPEG with
-Pillow's encoder); the five severity levels of each are in :data:`CORRUPTIONS`, in [0, 1] intensity units or
-pixels. The attacks, FGSM and PGD (L∞), take ε in [0, 1] pixel units (``8/255`` = eight grey levels of an
-8-bit image) and differentiate through the normalisation; classification attacks maximise the
-cross-entropy of the task's evaluation output, segmentation attacks the per-pixel cross-entropy over the
+to [0, 1] and normalised again for the model. The corruptions are written here with torch (the blur is
+torchvision's, JPEG Pillow's encoder); the five severity levels of each are in :data:`CORRUPTIONS`, in [0, 1]
+intensity units or pixels. The attacks, FGSM and PGD (L∞), take ε in [0, 1] pixel units (``8/255`` = eight
+grey levels of an 8-bit image) and differentiate through the normalisation; classification attacks maximise
+the cross-entropy of the task's evaluation output, segmentation attacks the per-pixel cross-entropy over the
 pixels whose target is not ``ignore_index``.
 
 The model output is the task's own evaluation function (``ImageClassifier.eval_log_probs``, with the EMA
@@ -14,7 +14,9 @@ weights and mirror TTA when the run uses them; ``SemanticSegmenter.predict_logit
 and the metric is the one it logs, with the same torchmetrics settings, so the clean row equals the logged
 ``val/acc`` / ``test/miou`` of the same images. Random draws (noise, PGD's start) are seeded per
 (seed, perturbation, level or ε, batch): a sweep is deterministic, and a row does not depend on which
-other rows run (the default and the full sweep agree on the rows they share).
+other rows run (the default and the full sweep agree on the rows they share). A sweep scores the whole
+split unless ``RobustnessSpec(subset=N)`` cuts it to the first N samples; the result, its CSV, JSON and plot
+title say which (:meth:`RobustnessResult.describe`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import os
 import zlib
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,10 +35,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "RobustnessError", "Corruption", "CORRUPTIONS", "ATTACKS", "PERTURBATIONS", "DEFAULT_LEVELS", "FULL_LEVELS",
-    "DEFAULT_EPS", "FULL_EPS", "DEFAULT_SUBSET", "gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast",
+    "DEFAULT_EPS", "FULL_EPS", "gaussian_noise", "gaussian_blur", "jpeg", "brightness", "contrast",
     "corrupt",
     "to_pixels", "to_model", "fgsm", "pgd", "attack_loss", "parse_perturbations", "parse_eps", "RobustnessSpec",
-    "check_task", "robustness_sweep", "format_table", "write_csv", "save_robustness_plot",
+    "check_task", "robustness_sweep", "format_table", "write_csv", "write_json", "save_robustness_plot",
 ]
 
 
@@ -55,18 +57,18 @@ def gaussian_noise(x: torch.Tensor, sigma: float, generator: Optional[torch.Gene
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of standard deviation ``sigma`` pixels (radius ceil(3 sigma), mirrored
-    edges); sigma 0 = x."""
-    if sigma == 0:
+    """(B, C, H, W) blurred per channel by a Gaussian of standard deviation ``sigma`` pixels: torchvision's
+    ``gaussian_blur`` with radius ceil(3 sigma) (at most the shorter side minus one) and mirrored edges
+    (reflect-101: OpenCV's ``BORDER_REFLECT_101``, scipy's ``mode="mirror"``); sigma 0 = x. vitmha's one
+    Gaussian blur: this corruption and the blurred baseline of vitmha.explain."""
+    if sigma < 0:
+        raise RobustnessError(f"Gaussian blur: sigma {sigma} is negative")
+    r = min(math.ceil(3 * sigma), x.shape[-2] - 1, x.shape[-1] - 1)
+    if sigma == 0 or r < 1:
         return x
-    B, C, H, W = x.shape
-    r = max(1, min(math.ceil(3 * sigma), H - 1, W - 1))
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(device=x.device, dtype=x.dtype)
-    y = F.pad(x.reshape(B * C, 1, H, W), (r, r, r, r), mode="reflect")
-    y = F.conv2d(F.conv2d(y, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-    return y.reshape(B, C, H, W)
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_gaussian_blur
+
+    return tv_gaussian_blur(x, [2 * r + 1, 2 * r + 1], [float(sigma), float(sigma)])
 
 
 def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -135,9 +137,6 @@ DEFAULT_LEVELS: Tuple[int, ...] = (1, 3, 5)
 FULL_LEVELS: Tuple[int, ...] = (1, 2, 3, 4, 5)
 FULL_EPS: Tuple[float, ...] = (1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 DEFAULT_EPS: Tuple[float, ...] = (1 / 255, 4 / 255, 16 / 255)
-#: samples a sweep scores by default: the first 512 images of a classification split (a small split such as the
-#: quickstart's 360 whole, so its clean row is the logged metric), 64 of a segmentation one
-DEFAULT_SUBSET: Dict[str, int] = {"classification": 512, "segmentation": 64}
 
 
 def corrupt(x: torch.Tensor, name: str, level: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -282,8 +281,8 @@ def parse_eps(values: Any) -> Tuple[float, ...]:
 @dataclass
 class RobustnessSpec:
     """What a sweep runs. ``levels``: severity levels (1..5) of each corruption; ``eps``: attack strengths in
-    [0, 1] pixel units; ``subset``: the first N samples of the split (0 = all), the same for every row; None =
-    :data:`DEFAULT_SUBSET` of the task (a segmentation image scores thousands of pixels)."""
+    [0, 1] pixel units; ``subset``: the first N samples of the split, the same for every row (None or 0: the
+    whole split, the default)."""
 
     perturbations: Tuple[str, ...] = PERTURBATIONS
     levels: Tuple[int, ...] = DEFAULT_LEVELS
@@ -371,30 +370,50 @@ class Row:
 
 @dataclass
 class RobustnessResult:
-    """The rows of a sweep, the metric's logged name, the samples per row and the sweep's wall time."""
+    """The rows of a sweep, the metric's logged name, the samples per row, whether they are a ``subset`` (the
+    first ``samples`` of a split that has more, ``split_samples`` when the loader knows its dataset's size)
+    and the sweep's wall time."""
 
     rows: List[Row] = field(default_factory=list)
     metric: str = ""
     samples: int = 0
     seconds: float = 0.0
     spec: Optional[RobustnessSpec] = None
+    subset: bool = False
+    split_samples: Optional[int] = None
 
     def clean(self) -> float:
         return next(r.score for r in self.rows if r.kind == "clean")
 
+    def describe(self) -> str:
+        """Which samples the rows score, e.g. ``the whole split (360 samples)`` or ``a subset: the first 100
+        of 360 samples``."""
+        if not self.subset:
+            return f"the whole split ({self.samples} samples)"
+        of = f" of {self.split_samples}" if self.split_samples is not None else ""
+        return f"a subset: the first {self.samples}{of} samples"
 
-def _take(batches: Iterable[Any], limit: int) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) of the first ``limit`` samples (0 = all), the last batch cut short."""
-    seen = 0
-    for batch in batches:
-        x, y = batch[0], batch[1]
-        if limit:
-            if seen >= limit:
-                return
-            if seen + len(y) > limit:
-                x, y = x[:limit - seen], y[:limit - seen]
-        seen += len(y)
-        yield x, y
+
+class _Take:
+    """(x, y) of the first ``limit`` samples of ``batches`` (0 = all), the last batch cut short; ``cut`` says,
+    once iterated, whether the batches held more samples than were taken."""
+
+    def __init__(self, batches: Iterable[Any], limit: int) -> None:
+        self.batches, self.limit, self.cut = batches, int(limit), False
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        seen = 0
+        for batch in self.batches:
+            x, y = batch[0], batch[1]
+            if self.limit:
+                if seen >= self.limit:
+                    self.cut = True
+                    return
+                if seen + len(y) > self.limit:
+                    x, y = x[:self.limit - seen], y[:self.limit - seen]
+                    self.cut = True
+            seen += len(y)
+            yield x, y
 
 
 def check_task(task: Any) -> str:
@@ -409,9 +428,9 @@ def check_task(task: Any) -> str:
 def robustness_sweep(task: Any, batches: Iterable[Any], mean: Sequence[float], std: Sequence[float],
                      spec: Optional[RobustnessSpec] = None, prefix: str = "test/",
                      device: Optional[torch.device] = None) -> RobustnessResult:
-    """The task's metric (``acc`` or ``miou``) on the first ``spec.subset`` samples of ``batches`` (an eval
-    loader of normalised (x, y) batches made with ``mean``/``std``): clean, under every corruption level and
-    under FGSM and PGD at every ε. One pass over the data; the task is put in eval mode."""
+    """The task's metric (``acc`` or ``miou``) on every sample of ``batches`` (an eval loader of normalised
+    (x, y) batches made with ``mean``/``std``), or on the first ``spec.subset``: clean, under every corruption
+    level and under FGSM and PGD at every ε. One pass over the data; the task is put in eval mode."""
     import time
 
     spec = spec or RobustnessSpec()
@@ -419,8 +438,6 @@ def robustness_sweep(task: Any, batches: Iterable[Any], mean: Sequence[float], s
     task = task.to(device).eval()
     segmentation = check_task(task) == "segmentation"
     evaluate = task.predict_logits if segmentation else task.eval_log_probs
-    subset = spec.subset if spec.subset is not None else DEFAULT_SUBSET[
-        "segmentation" if segmentation else "classification"]
     loss_fn = attack_loss(task)
     keys: List[Tuple[str, int, float]] = [("clean", 0, 0.0)]
     keys += [(n, lv, float(CORRUPTIONS[n].levels[lv - 1])) for n in spec.perturbations if n in CORRUPTIONS
@@ -428,7 +445,8 @@ def robustness_sweep(task: Any, batches: Iterable[Any], mean: Sequence[float], s
     keys += [(n, i + 1, float(e)) for n in spec.perturbations if n in ATTACKS for i, e in enumerate(spec.eps)]
     scorers = {k: _Scorer(task, prefix, device) for k in keys}
     start = time.perf_counter()
-    for b, (x, y) in enumerate(_take(batches, int(subset))):
+    taken = _Take(batches, spec.subset or 0)
+    for b, (x, y) in enumerate(taken):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             scorers[keys[0]].update(evaluate(x), y)
@@ -450,7 +468,10 @@ def robustness_sweep(task: Any, batches: Iterable[Any], mean: Sequence[float], s
     clean = scorers[keys[0]]
     if clean.samples == 0:
         raise RobustnessError("the split has no samples")
-    result = RobustnessResult(metric=clean.name, samples=clean.samples, seconds=seconds, spec=spec)
+    dataset = getattr(batches, "dataset", None)
+    split = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    result = RobustnessResult(metric=clean.name, samples=clean.samples, seconds=seconds, spec=spec,
+                              subset=taken.cut, split_samples=split if taken.cut else clean.samples)
     for key, scorer in scorers.items():
         name, level, value = key
         kind = "clean" if name == "clean" else ("attack" if name in ATTACKS else "corruption")
@@ -471,22 +492,51 @@ def format_table(result: RobustnessResult) -> str:
     return "\n".join(lines)
 
 
-def write_csv(result: RobustnessResult, path: str) -> str:
-    """``perturbation, kind, level, parameter, value, metric, score, change, samples`` per row."""
-    clean = result.clean()
+def _write_atomic(path: str, text: str) -> str:
+    """``text`` to ``path`` through a temporary file in the same folder (a failed write leaves no half file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["perturbation", "kind", "level", "parameter", "value", "metric", "score", "change", "samples"])
-        for r in result.rows:
-            w.writerow([r.perturbation, r.kind, r.level, r.parameter, f"{r.value:.6g}", r.metric, f"{r.score:.6f}",
-                        f"{r.score - clean:.6f}", r.samples])
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
+
+
+def write_csv(result: RobustnessResult, path: str) -> str:
+    """``perturbation, kind, level, parameter, value, metric, score, change, samples, subset`` per row
+    (``subset``: true when the samples are the first ``samples`` of a larger split)."""
+    clean = result.clean()
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["perturbation", "kind", "level", "parameter", "value", "metric", "score", "change", "samples",
+                "subset"])
+    for r in result.rows:
+        w.writerow([r.perturbation, r.kind, r.level, r.parameter, f"{r.value:.6g}", r.metric, f"{r.score:.6f}",
+                    f"{r.score - clean:.6f}", r.samples, str(result.subset).lower()])
+    return _write_atomic(path, buf.getvalue())
+
+
+def write_json(result: RobustnessResult, path: str) -> str:
+    """The sweep as JSON: ``metric``, ``samples``, ``subset``, ``split_samples``, ``seconds``, the ``spec`` and
+    the ``rows``."""
+    import json
+    from dataclasses import asdict
+
+    doc = {"metric": result.metric, "samples": result.samples, "subset": result.subset,
+           "split_samples": result.split_samples, "described": result.describe(), "seconds": result.seconds,
+           "spec": asdict(result.spec) if result.spec is not None else None,
+           "rows": [asdict(r) for r in result.rows]}
+    return _write_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
 def save_robustness_plot(result: RobustnessResult, path: str, title: str = "") -> str:
     """Metric against severity level per corruption (left) and against ε per attack (right); the clean
-    score is level 0 / ε 0 of every line."""
+    score is level 0 / ε 0 of every line. The title ends with which samples were scored
+    (:meth:`RobustnessResult.describe`)."""
     from vitmha.visualize import _pyplot, _save
 
     plt = _pyplot()
@@ -516,11 +566,10 @@ def save_robustness_plot(result: RobustnessResult, path: str, title: str = "") -
             spec = result.spec or RobustnessSpec()
             step = "ε/4" if spec.pgd_step_size is None else f"{spec.pgd_step_size * 255:g}/255"
             ax.set_title(f"L∞ attacks (PGD: {spec.pgd_steps} steps of {step})" if "pgd" in names else "L∞ attacks")
-        ax.set_ylabel(f"{result.metric} ({result.samples} samples)")
+        ax.set_ylabel(f"{result.metric} ({result.samples} samples{', a subset' if result.subset else ''})")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title, fontsize=10)
+    fig.suptitle(f"{title}: {result.describe()}" if title else result.describe(), fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

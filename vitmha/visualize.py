@@ -72,10 +72,17 @@ def _pyplot():
 
 
 def _save(fig, path: PathLike, dpi: int = 100) -> str:
+    """``fig`` written to ``path`` (format from its extension) through a temporary file, then closed."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    _pyplot().close(fig)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=os.path.splitext(path)[1].lstrip(".").lower() or "png")
+        os.replace(tmp, path)
+    finally:
+        _pyplot().close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -120,7 +127,8 @@ def attention_maps(backbone, x: torch.Tensor, layer: int = -1, patch: Optional[T
 
     ``x``: one normalised image (1, 3, H, W). Uses ``backbone.forward_attention`` on this very model.
     Returns ``{"heads": (heads, gh, gw), "rollout": (gh, gw), "grid": (gh, gw), "query": token index,
-    "query_name": "CLS token" or "patch (i, j)", "layer": block index}`` with the prefix tokens (class/register) dropped from the maps.
+    "query_name": "CLS token" or "patch (i, j)", "layer": block index}`` with the prefix tokens
+    (class/register) dropped from the maps.
     """
     if x.ndim != 4 or x.shape[0] != 1:
         raise ValueError(f"expected one image (1, 3, H, W), got {tuple(x.shape)}")

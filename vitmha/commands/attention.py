@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 
@@ -33,14 +32,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
     argv = None if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(prog="vitmha attention", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
     src.add_argument("--backbone", help="timm ViT arch name, used with --pretrained instead of a checkpoint")
     p.add_argument("--pretrained", default=None,
-                   help="with --backbone: a weights file (.safetensors/.pth/.npz), or 'true' for timm's pretrained weights "
-                        "(Hugging Face cache)")
-    p.add_argument("--backbone-kwargs", default=None, help='with --backbone: YAML/JSON overrides, e.g. \'{img_size: 384}\'')
+                   help="with --backbone: a weights file (.safetensors/.pth/.npz), or 'true' for timm's pretrained "
+                        "weights (Hugging Face cache)")
+    p.add_argument("--backbone-kwargs", default=None,
+                   help='with --backbone: YAML/JSON overrides, e.g. \'{img_size: 384}\'')
     p.add_argument("--input", required=True, help="one image file")
     p.add_argument("--output", required=True, help="PNG to write")
     p.add_argument("--layer", type=int, default=-1, help="block whose heads are drawn (negative counts from the end)")

@@ -8,9 +8,13 @@
 
 Methods (--method, comma-separated, or all): attention (the last block's attention from the class token,
 heads averaged), rollout (attention rollout over all blocks), chefer (gradient-weighted attention, Chefer et
-al.'s generic rule R += mean_h((∇A ⊙ A)⁺) R), gradcam (Grad-CAM on the last block's patch tokens), ig
-(integrated gradients from the image's mean colour, summed per patch) and occlusion (the drop in the class probability when a patch is filled with the mean colour). All come from
-the model itself through forward hooks (vitmha.explain).
+al.'s generic rule R += mean_h((∇A ⊙ A)⁺) R), gradcam (Grad-CAM on the last block's patch tokens), read from
+the model's blocks through forward hooks; and through Captum: ig (integrated gradients from the image's mean
+colour, summed per patch), occlusion (the drop in the class probability when a patch shows the mean colour),
+lime (LIME with one feature per patch, hidden patches showing the mean colour, ridge surrogate) and
+kernelshap (KernelSHAP, the same features: Shapley values that add up to the probability's change). lime and
+kernelshap run the model on --samples perturbed images each (default 500, about 2.5 per patch of a 14 × 14
+grid; more for finer grids or steadier maps), drawn with --seed (default 0), so a map is reproducible.
 
 A classifier (multi-label too) is explained for --class (an index or a class name; default its top class;
 a multi-label class's probability is its sigmoid). A segmenter is
@@ -24,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 import numpy as np
 import torch
 
-from vitmha.explain import (METHODS, Target, auc, deletion_curve, explain, insertion_curve,
+from vitmha.explain import (DEFAULT_SAMPLES, METHODS, Target, auc, deletion_curve, explain, insertion_curve,
                             save_explanation_figure)
 from vitmha.inference import (Preprocess, ToolError, backbone_of, display_rgb, eval_transform,
                               load_task, parse_backbone_kwargs, preprocess_config, pretrained_backbone,
@@ -44,7 +47,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The command line (``argv`` entries may be paths; default ``sys.argv[1:]``)."""
     argv = None if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(prog="vitmha explain", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
     src.add_argument("--backbone", help="timm ViT arch name, used with --pretrained instead of a checkpoint")
@@ -59,6 +63,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--class", dest="cls", default=None, help="class index or name (default: the top class)")
     p.add_argument("--box", type=float, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
                    help="segmentation: explain the class over this box (input image pixels) instead of its mask")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"lime and kernelshap: perturbed images per map, one forward each (default {DEFAULT_SAMPLES})")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="lime and kernelshap: seed of their samples (default 0)")
     p.add_argument("--metrics", action="store_true", help="deletion / insertion AUC of each map in the figure")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     return p.parse_args(argv)
@@ -148,6 +156,8 @@ def shown_image(x: torch.Tensor, pre: Preprocess) -> np.ndarray:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     methods = parse_methods(args.method)
+    if args.samples < 1:
+        raise ToolError(f"--samples {args.samples}: expected a positive number of samples")
     if args.pretrained and not args.backbone:
         raise ToolError("--pretrained goes with --backbone (a checkpoint holds its own weights)")
     if not os.path.isfile(args.input):
@@ -184,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         prob = float(target.prob(out))
     cname = pre.classes[target.class_index] if pre.classes else str(target.class_index)
     try:
-        maps = explain(model, bb, x, target, methods)
+        maps = explain(model, bb, x, target, methods, samples=args.samples, seed=args.seed)
     except ValueError as e:
         raise ToolError(str(e)) from None
     notes = {}

@@ -3,48 +3,21 @@ of relevance that falls on the object.
 
 Patches are ranked by relevance (most relevant first). *Deletion* replaces them, a few per step, with a
 baseline image and tracks the target probability: a faithful map makes it fall fast (low area under the
-curve). *Insertion* starts from a blurred image and puts the original patches back in the same order: a
-faithful map makes it rise fast (high area). The x-axis is the fraction of patches changed, so both areas are
-in [0, 1].
+curve). *Insertion* starts from a blurred image (:func:`vitmha.robustness.gaussian_blur`, the robustness
+sweep's blur) and puts the original patches back in the same order: a faithful map makes it rise fast (high
+area). The x-axis is the fraction of patches changed, so both areas are in [0, 1].
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from vitmha.explain.methods import Target, patch_cells
+from vitmha.explain.target import Target, baseline_image, patch_cells
 
-__all__ = ["baseline_image", "gaussian_blur", "perturbation_curve", "deletion_curve", "insertion_curve", "auc",
-           "relevance_share", "area_share"]
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, C, H, W) blurred per channel by a separable Gaussian of std ``sigma`` px (reflected borders)."""
-    if sigma <= 0:
-        return x.clone()
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(x)
-    C = x.shape[1]
-    y = F.pad(x, (r, r, r, r), mode="reflect") if min(x.shape[-2:]) > r else F.pad(x, (r, r, r, r), mode="replicate")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-
-
-def baseline_image(x: torch.Tensor, kind: str, patch: Tuple[int, int]) -> torch.Tensor:
-    """The image that deleted patches show / insertion starts from: ``mean`` (the per-channel mean colour) or
-    ``blur`` (Gaussian, σ = half a patch)."""
-    if kind == "mean":
-        return x.mean((-2, -1), keepdim=True).expand_as(x).clone()
-    if kind == "blur":
-        return gaussian_blur(x, max(patch) / 2)
-    raise ValueError(f"baseline {kind!r}: expected 'mean' or 'blur'")
+__all__ = ["perturbation_curve", "deletion_curve", "insertion_curve", "auc", "relevance_share", "area_share"]
 
 
 def perturbation_curve(model: nn.Module, x: torch.Tensor, target: Target, relevance: torch.Tensor,
