@@ -250,3 +250,22 @@ def test_torchvision_segmentation_head_trains_on_the_last_map(head):
     assert fx.model.patch_embed.proj.weight.grad.abs().sum() > 0
     last = [step() for _ in range(5)][-1]
     assert last < first                                                       # it learns the fixed batch
+
+
+def test_distilled_features_only_equals_timms(tmp_path):
+    kw = dict(depth=3, img_size=32)
+    ref, ours = both_features(tmp_path, "deit_tiny_distilled_patch16_224", kw, (0, 2))
+    assert list(ours.state_dict()) == list(ref.state_dict())       # heads (both) and norm dropped, as timm's
+    assert ours.feature_info.get_dicts() == ref.feature_info.get_dicts()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for u, v in zip(ref(x), ours(x)):
+            assert v.shape == (2, 192, 2, 2) and rel_err(u, v) < 1e-5
+
+
+def test_timms_feature_cls_getter_and_default_cfg():
+    fx = vitmha.create_backbone("vit_tiny_patch16_224", features_only=True, feature_cls="getter", out_indices=2,
+                                **TINY)
+    assert fx.default_cfg is fx.pretrained_cfg and fx.default_cfg["input_size"] == (3, 64, 64)
+    with pytest.raises(ValueError, match="feature_cls='hook': vitmha's features_only is timm's 'getter'"):
+        vitmha.create_backbone("vit_tiny_patch16_224", features_only=True, feature_cls="hook", **TINY)

@@ -159,3 +159,17 @@ def test_attention_rollout_lands_on_the_cat(real_weights):
     assert 0.1 < area < 0.2
     assert rollout[-1] > 2.5 * area
     assert max(cls) > 4 * area
+
+
+def test_timm_data_pipeline_takes_the_real_model(real_weights):
+    """timm.data reads vitmha's pretrained_cfg as its own: the same config, transform and classes."""
+    from timm.data import create_transform, resolve_data_config
+    from PIL import Image
+
+    bb = vitmha.create_backbone(REAL_NAME, pretrained=str(real_weights)).eval()
+    assert bb.pretrained_cfg == timm.create_model(REAL_NAME).pretrained_cfg
+    config = resolve_data_config(model=bb)
+    assert config == resolve_data_config(model=_timm(real_weights))
+    x = create_transform(**config)(Image.open(SAMPLES / "coffee.jpg").convert("RGB"))[None]
+    with torch.no_grad():
+        assert bb(x).argmax(-1).item() == ESPRESSO

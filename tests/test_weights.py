@@ -232,3 +232,110 @@ def test_pretrained_true_reads_the_offline_hub_cache(tmp_path, monkeypatch):
         assert rel_err(ref(x), ours(x)) < 1e-5
     with pytest.raises(WeightsError, match="not available here"):
         vitmha.create_backbone("vit_small_patch16_224.augreg_in21k_ft_in1k", pretrained=True, depth=1)
+
+
+def test_pretrained_true_offline_fails_fast_with_the_recipe(tmp_path):
+    """Not cached, hub unreachable (HF_ENDPOINT at a closed local port, HF_HUB_OFFLINE unset): one WeightsError
+    line naming the weights and the offline recipe, in seconds (the hub client alone retries for ~25 s per
+    file)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:                                   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path / "empty"), OMP_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    code = ("import time, vitmha\n"
+            "t = time.perf_counter()\n"
+            "try:\n"
+            "    vitmha.create_backbone('vit_small_patch16_224', pretrained=True, depth=1)\n"
+            "except vitmha.models.WeightsError as e:\n"
+            "    print(f'{time.perf_counter() - t:.2f}'); print(e)\n")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    wall = time.perf_counter() - start
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stdout + out.stderr
+    assert float(lines[0]) < 10 and wall < 30, (lines[0], wall)  # the call itself; the process with its imports
+    msg = lines[1]
+    assert msg.startswith("vit_small_patch16_224.augreg_in21k_ft_in1k: ")  # the arch and the tag it resolved
+    assert f"127.0.0.1:{port}" in msg and "cannot be reached" in msg
+    assert "vitmha seed-cache --name vit_small_patch16_224.augreg_in21k_ft_in1k --weights FILE" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "pretrained: path/to/weights.safetensors" in msg
+
+
+def test_pretrained_true_with_hf_hub_offline_fails_without_network(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:1")     # never asked: offline means no request
+    with pytest.raises(WeightsError, match=r"^deit_tiny_distilled_patch16_224\.fb_in1k: .*HF_HUB_OFFLINE is set; "
+                                           r"offline: `vitmha seed-cache --name deit_tiny_distilled_patch16_224"):
+        vitmha.create_backbone("deit_tiny_distilled_patch16_224", pretrained=True, depth=1)
+
+
+# ------------------------------------------------------------------ a PEFT task checkpoint as pretrained
+def _peft_task_checkpoint(tmp_path, peft):
+    """A tiny classifier with ``peft`` fitted two steps by Lightning and saved by Trainer.save_checkpoint."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vitmha.tasks import ImageClassifier
+
+    L.seed_everything(0, verbose=False)
+    task = ImageClassifier(num_classes=3, backbone_kwargs=dict(img_size=16, patch_size=4, embed_dim=16, depth=2,
+                                                               num_heads=2), warmup_epochs=0, lr=0.05, peft=peft)
+    with torch.no_grad():                                        # B starts at zero: make the update non-trivial
+        for n, p in task.model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    data = DataLoader(TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 3, (8,))), batch_size=4)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, train_dataloaders=data)
+    path = tmp_path / "peft.ckpt"
+    trainer.save_checkpoint(path)
+    return task.eval(), path
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_task_checkpoint_loads_merged_as_pretrained(tmp_path, method):
+    task, path = _peft_task_checkpoint(tmp_path, {"method": method, "r": 2, "alpha": 4,
+                                                  "targets": ["q", "v", "fc1"]})
+    bb = vitmha.create_backbone("vit_tiny_patch16_224", pretrained=str(path), img_size=16, patch_size=4,
+                                embed_dim=16, depth=2, num_heads=2, num_classes=3).eval()
+    assert not any("lora" in k for k in bb.state_dict())          # a plain model: timm's keys only
+    assert type(bb.blocks[0].attn.qkv) is torch.nn.Linear
+    assert all(p.requires_grad for p in bb.parameters())          # as any freshly built backbone
+    x = torch.randn(4, 3, 16, 16)
+    base = {k: v for k, v in torch.load(path, weights_only=True)["state_dict"].items() if "lora_" not in k}
+    unmerged = vitmha.create_backbone("vit_tiny_patch16_224", pretrained=base, img_size=16, patch_size=4,
+                                      embed_dim=16, depth=2, num_heads=2, num_classes=3).eval()
+    with torch.no_grad():
+        assert rel_err(task.model(x), bb(x)) < 1e-5               # the task's LoRA model, merged
+        assert rel_err(task.model(x), unmerged(x)) > 1e-2         # which the base weights alone are not
+
+
+@pytest.mark.parametrize("peft,what", [({"method": "vpt", "tokens": 2}, "vpt"),
+                                       ({"method": "adapter", "hidden": 4}, "adapter")])
+def test_prompt_or_adapter_task_checkpoint_as_pretrained_is_a_clear_error(tmp_path, peft, what):
+    _, path = _peft_task_checkpoint(tmp_path, peft)
+    with pytest.raises(WeightsError, match=rf"peft.ckpt: a task trained with peft {what}: VPT prompts and adapters "
+                                           r"have no place in plain ViT weights"):
+        vitmha.create_backbone("vit_tiny_patch16_224", pretrained=str(path), img_size=16, patch_size=4,
+                               embed_dim=16, depth=2, num_heads=2, num_classes=3)
+
+
+def test_lora_factors_without_their_spec_are_a_clear_error(tmp_path):
+    _, path = _peft_task_checkpoint(tmp_path, {"method": "lora", "r": 2})
+    sd = torch.load(path, weights_only=True)["state_dict"]        # the tensors alone: no scaling to merge with
+    with pytest.raises(WeightsError, match=r"holds LoRA factors \(blocks\.\d\.attn\.qkv\.lora_[AB]\.[qv]\) but no "
+                                           r"lora/dora peft spec"):
+        vitmha.create_backbone("vit_tiny_patch16_224", pretrained=sd, img_size=16, patch_size=4, embed_dim=16,
+                               depth=2, num_heads=2, num_classes=3)

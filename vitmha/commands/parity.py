@@ -1,4 +1,5 @@
-"""Parity report: vitmha vs timm on every timm ViT arch with pretrained weights in vision_transformer.py.
+"""Parity report: vitmha vs timm on every timm ViT arch with pretrained weights (timm's vision_transformer and
+deit modules, DeiT's distilled archs included).
 
 For each arch: build timm's model with random weights (depth reduced), load its state dict into
 vitmha.create_backbone(arch, pretrained=state_dict), feed the same random image at the arch's default
@@ -12,16 +13,20 @@ import argparse
 import csv
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 
 
+#: timm's modules whose archs are (DeiT's distilled subclass of) its VisionTransformer
+VIT_MODULES = ("vision_transformer", "deit")
+
+
 def pretrained_vit_archs(pattern: str = "*") -> list[str]:
+    """The archs of timm's ViT modules (DeiT's distilled ones included) that have pretrained weights."""
     import timm
 
-    names = timm.list_models(pattern, module="vision_transformer", pretrained=True)
+    names = [n for m in VIT_MODULES for n in timm.list_models(pattern, module=m, pretrained=True)]
     return sorted({n.split(".")[0] for n in names})
 
 

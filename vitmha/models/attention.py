@@ -6,20 +6,19 @@ The qkv projection is one fused Linear whose output is laid out [q | k | v] x he
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from vitmha.models.layers import Mlp
 
 
-def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-    attn_mask: Optional[torch.Tensor] = None, dropout: Optional[nn.Module] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> output (B, h, Nq, d), probabilities (B, h, Nq, Nk).
+@torch.fx.wrap  # a leaf under torch.fx: whether there is a mask, and its kind, are known only when it runs
+def attention_probs(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(Q Kᵀ / sqrt(d)): (B, h, Nq, d), (B, h, Nk, d) -> (B, h, Nq, Nk).
 
     `attn_mask` follows `F.scaled_dot_product_attention`: a bool mask is True where attention is allowed,
     a float mask is added to the scores.
@@ -31,7 +30,16 @@ def explicit_attention(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    attn_mask: Optional[torch.Tensor] = None, dropout: Optional[nn.Module] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(B, h, Nq, d), (B, h, Nk, d), (B, h, Nk, d) -> output (B, h, Nq, d), probabilities (B, h, Nq, Nk)
+    (before `dropout`); `attn_mask` as in :func:`attention_probs`."""
+    probs = attention_probs(q, k, attn_mask)
     out = (dropout(probs) if dropout is not None else probs) @ v
     return out, probs
 
@@ -68,23 +76,29 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, return_attn: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """(B, N, D) -> (B, N, D), and with ``return_attn`` the probabilities (B, heads, N, N)."""
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                return_attn: bool = False) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D); with ``return_attn`` the tuple (output, probabilities (B, heads, N, N)).
+
+        ``return_attn`` is for eager mode (hooks and visualisation); under TorchScript the output alone.
+        """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                          # each (B, h, N, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = None
+        attn: Optional[torch.Tensor] = None
         if self.fused and not return_attn:
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
-            x, attn = explicit_attention(q, k, v, attn_mask=attn_mask, dropout=self.attn_drop)
+            attn = attention_probs(q, k, attn_mask)
+            x = self.attn_drop(attn) @ v
         x = x.transpose(1, 2).reshape(B, N, C)                           # heads concatenated
         x = self.proj_drop(self.proj(self.norm(x)))
-        return (x, attn) if return_attn else x
+        if not torch.jit.is_scripting():   # TorchScript has one return type; the maps are an eager-mode extra
+            if return_attn:
+                return x, attn
+        return x
 
 
 class AttentionPool(nn.Module):
@@ -135,7 +149,7 @@ class AttentionPool(nn.Module):
         if self.fused:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
-            x, _ = explicit_attention(q, k, v)
+            x = attention_probs(q, k) @ v
         x = x.transpose(1, 2).reshape(B, self.latent_len, C)
         x = self.proj_drop(self.proj(x))
         x = x + self.mlp(self.norm(x))

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from vitmha.models.vit import IMAGENET_MEAN, IMAGENET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 class UnsupportedArchError(ValueError):
@@ -25,15 +25,22 @@ def split_name(name: str) -> Tuple[str, Optional[str]]:
     return arch, (tag or None)
 
 
-def _timm_model_on_meta(arch: str, overrides: Dict[str, Any]) -> nn.Module:
+def _timm_model_on_meta(name: str, overrides: Dict[str, Any]) -> nn.Module:
+    """timm's model ``name`` ('arch' or 'arch.tag') with ``overrides``, built on the meta device. With a tag,
+    timm takes its defaults from the tag's pretrained config (num_classes, input size, ...), as it does for
+    ``timm.create_model``."""
     import timm
 
+    arch, tag = split_name(name)
     if not timm.is_model(arch):
         close = [n for n in timm.list_models(f"*{arch.split('_')[0]}*")][:8]
         raise ValueError(f"unknown timm architecture {arch!r}" + (f"; similar: {close}" if close else ""))
+    if tag is not None and f"{arch}.{tag}" not in timm.list_models(arch, include_tags=True):
+        tags = [n.split(".", 1)[1] for n in timm.list_models(arch, include_tags=True) if "." in n]
+        raise ValueError(f"{name}: timm has no tag {tag!r} for {arch}" + (f"; its tags: {tags}" if tags else ""))
     with torch.device("meta"):
         try:
-            return timm.create_model(arch, pretrained=False, **overrides)
+            return timm.create_model(name, pretrained=False, **overrides)
         except TypeError as e:
             raise ValueError(f"{arch}: bad override ({e})") from None
 
@@ -67,8 +74,9 @@ def _is_identity(m: Optional[nn.Module]) -> bool:
 def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
     """vitmha.VisionTransformer keyword arguments that rebuild the timm ViT `m` (any device, meta included)."""
     cls = type(m).__name__
-    if cls != "VisionTransformer":
-        raise UnsupportedArchError(f"{arch}: timm builds a {cls}; vitmha reproduces timm's VisionTransformer")
+    if cls not in ("VisionTransformer", "VisionTransformerDistilled"):
+        raise UnsupportedArchError(f"{arch}: timm builds a {cls}; vitmha reproduces timm's VisionTransformer "
+                                   "(and DeiT's VisionTransformerDistilled)")
     pe = m.patch_embed
     if type(pe).__name__ != "PatchEmbed":
         raise UnsupportedArchError(f"{arch}: patch embedding {type(pe).__name__} is not supported")
@@ -118,6 +126,7 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
         init_values=(getattr(blk, "init_values", None) if block_cls == "ResPostBlock" else
                      float(blk.ls1.init_values) if not _is_identity(blk.ls1) else None),
         res_post_norm=block_cls == "ResPostBlock",
+        distilled=cls == "VisionTransformerDistilled",
         class_token=m.cls_token is not None,
         reg_tokens=int(m.num_reg_tokens),
         no_embed_class=bool(m.no_embed_class),
@@ -163,9 +172,9 @@ def config_from_timm_model(m: nn.Module, arch: str = "model") -> Dict[str, Any]:
 
 
 def arch_config(name: str, **overrides: Any) -> Dict[str, Any]:
-    """VisionTransformer kwargs for timm arch `name` (tag ignored) with timm.create_model's `overrides`."""
-    arch, _ = split_name(name)
-    return config_from_timm_model(_timm_model_on_meta(arch, overrides), arch)
+    """VisionTransformer kwargs for timm's `name` ('arch' or 'arch.tag': the tag's defaults, as timm's) with
+    timm.create_model's `overrides`."""
+    return config_from_timm_model(_timm_model_on_meta(name, overrides), split_name(name)[0])
 
 
 def pretrained_cfg(name: str) -> Dict[str, Any]:
@@ -190,12 +199,12 @@ def pretrained_cfg(name: str) -> Dict[str, Any]:
 def pretrained_data_config(name: Optional[str]) -> Dict[str, Any]:
     """mean, std, input_size, crop_pct and interpolation a backbone's pretrained weights expect.
 
-    Offline; ImageNet defaults (mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225)) when unknown.
+    Offline; ImageNet defaults (timm.data's IMAGENET_DEFAULT_MEAN / _STD) when unknown.
     """
     cfg = pretrained_cfg(name) if name else {}
     return dict(
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
+        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
         input_size=tuple(cfg.get("input_size", (3, 224, 224))),
         crop_pct=float(cfg.get("crop_pct", 0.875)),
         interpolation=cfg.get("interpolation", "bicubic"),

@@ -6,8 +6,10 @@ from typing import Any, Mapping, Union
 
 from vitmha.models.config import arch_config, pretrained_cfg, split_name
 from vitmha.models.features import FEATURE_KWARGS, FeatureBackbone
-from vitmha.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
-from vitmha.models.weights import load_into, resolve_pretrained_file
+from vitmha.models.tome import apply_tome
+from vitmha.models.vit import VisionTransformer
+from vitmha.models.hub import resolve_pretrained_file
+from vitmha.models.weights import load_into
 
 Pretrained = Union[bool, str, os.PathLike, Mapping]
 
@@ -24,9 +26,11 @@ def create_backbone(name: str, pretrained: Pretrained = False,
     (the deeper ones dropped with a warning): a cheaper model that keeps the lower layers' features; a plain
     `depth` below the checkpoint's stays an error. `features_only=True` (with `out_indices`, `pyramid`,
     `pyramid_channels`) returns a FeatureBackbone whose forward gives a list of NCHW maps, as timm's
-    features_only.
+    features_only. `tome_r=R` merges R tokens per block (Token Merging, vitmha.models.tome); 0 (the default)
+    leaves the model as it is.
     """
     fused_attn = overrides.pop("fused_attn", True)
+    tome_r = overrides.pop("tome_r", 0)
     features_only = overrides.pop("features_only", False)    # timm's: wrap as a FeatureBackbone (maps out)
     feature_kwargs = {k: overrides.pop(k) for k in FEATURE_KWARGS if k in overrides}
     if feature_kwargs and not features_only:
@@ -47,18 +51,25 @@ def create_backbone(name: str, pretrained: Pretrained = False,
     weight_init = "jax" if weight_init.startswith("jax") else "timm"
     cfg = arch_config(name, **overrides)
     model = VisionTransformer(**cfg, fused_attn=fused_attn, weight_init=weight_init)
-    pcfg = pretrained_cfg(name)
-    model.pretrained_cfg = {
-        **{k: v for k, v in pcfg.items() if k in ("mean", "std", "crop_pct", "interpolation", "hf_hub_id", "tag",
-                                                  "architecture", "license")},
-        "mean": tuple(pcfg.get("mean", IMAGENET_MEAN)),
-        "std": tuple(pcfg.get("std", IMAGENET_STD)),
-        "input_size": (cfg["in_chans"], *model.patch_embed.img_size),
-        "architecture": split_name(name)[0],
-    }
+    model.pretrained_cfg = model_pretrained_cfg(name, model)
     if pretrained:
         load_into(model, resolve_pretrained_file(name) if pretrained is True else pretrained,
                   truncate_depth=keep_blocks is not None)
+    if tome_r:
+        apply_tome(model, tome_r)
     if features_only:
         return FeatureBackbone(model, **feature_kwargs)
     return model
+
+
+def model_pretrained_cfg(name: str, model: VisionTransformer) -> dict:
+    """timm's whole pretrained config of ``name`` (its default tag when none is given), with what ``model``
+    was built differently: ``input_size`` (channels and image size), ``fixed_input_size`` False for a
+    ``dynamic_img_size`` model, ``architecture`` without the tag."""
+    cfg = {**model.pretrained_cfg, **pretrained_cfg(name)}
+    cfg.update(architecture=split_name(name)[0], input_size=(model.in_chans, *model.patch_embed.img_size),
+               mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    if model.dynamic_img_size:
+        cfg["fixed_input_size"] = False
+    return cfg
+

@@ -21,7 +21,7 @@ from torch import nn
 from vitmha.models.vit import VisionTransformer
 
 #: create_backbone's keyword arguments that belong to the feature wrapper (they need features_only=True)
-FEATURE_KWARGS = ("out_indices", "pyramid", "pyramid_channels")
+FEATURE_KWARGS = ("out_indices", "pyramid", "pyramid_channels", "feature_cls")
 #: timm's default out_indices for ViTs: an int n takes the last n blocks
 DEFAULT_OUT_INDICES = 3
 
@@ -130,11 +130,16 @@ class FeatureBackbone(nn.Module):
             the end); None takes every block. Raises ValueError for an index outside the model's depth.
         pyramid: add the simple feature pyramid on the last chosen map.
         pyramid_channels: channels of every pyramid level.
+        feature_cls: timm's choice of feature wrapper; 'getter' (the one timm uses for ViTs, through
+            ``forward_intermediates``) is what this class is, None means the same.
     """
 
     def __init__(self, model: VisionTransformer, out_indices: Optional[OutIndices] = DEFAULT_OUT_INDICES,
-                 pyramid: bool = False, pyramid_channels: int = 256) -> None:
+                 pyramid: bool = False, pyramid_channels: int = 256, feature_cls: Optional[str] = None) -> None:
         super().__init__()
+        if feature_cls not in (None, "getter"):
+            raise ValueError(f"feature_cls={feature_cls!r}: vitmha's features_only is timm's 'getter' wrapper "
+                             "(forward_intermediates); give 'getter' or leave it out")
         depth = len(model.blocks)
         if out_indices is not None and not isinstance(out_indices, int) and len(out_indices) == 0:
             raise ValueError("out_indices is empty: give block indices such as (3, 7, 11), or an int n for the "
@@ -146,13 +151,8 @@ class FeatureBackbone(nn.Module):
                              f"indices run 0..{depth - 1} or -{depth}..-1, an int n takes the last n blocks "
                              f"(1 <= n <= {depth})") from None
         self.out_indices = take
-        # what timm's prune_intermediate_layers removes: nothing after the last block used is ever run
-        model.blocks = model.blocks[:max(take) + 1]
-        model.norm = nn.Identity()
-        model.fc_norm = nn.Identity()
-        model.attn_pool = None
-        model.head = nn.Identity()
-        model.num_classes, model.global_pool = 0, ""
+        # as timm's feature wrapper: nothing after the last block used is kept (blocks, norm, pooling, head)
+        model.prune_intermediate_layers(take, prune_norm=True, prune_head=True)
         self.model = model
         self.pretrained_cfg = dict(getattr(model, "pretrained_cfg", {}))
 
@@ -168,6 +168,15 @@ class FeatureBackbone(nn.Module):
             self._take = take
             info = [dict(module=f"blocks.{i}", num_chs=model.embed_dim, reduction=patch) for i in range(depth)]
             self.feature_info = FeatureInfo(info, take)
+
+    @property
+    def default_cfg(self) -> Dict[str, Any]:
+        """timm's older name of ``pretrained_cfg`` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)

@@ -1,10 +1,11 @@
-"""Put a weights file you already have where timm's `pretrained=True` looks for it, so that the online code
-path (timm's pretrained config -> Hugging Face hub cache) runs offline.
+"""Where `pretrained=True` finds timm's weights (the Hugging Face hub cache), and putting a weights file you
+already have there, so that the online code path (timm's pretrained config -> hub cache) runs offline.
 
 With internet, `create_backbone("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True)` downloads
-`model.safetensors` from the hub repo named in timm's pretrained config into the Hugging Face cache. Without
-it, `seed_hf_cache` lays the same file out in that cache (`models--<org>--<repo>/refs/main` and
-`snapshots/<revision>/model.safetensors`), and `pretrained=True` with `HF_HUB_OFFLINE=1` reads it from there.
+`model.safetensors` from the hub repo named in timm's pretrained config into the Hugging Face cache
+(:func:`resolve_pretrained_file`). Without it, `seed_hf_cache` lays the same file out in that cache
+(`models--<org>--<repo>/refs/main` and `snapshots/<revision>/model.safetensors`), and `pretrained=True` with
+`HF_HUB_OFFLINE=1` reads it from there. A file that is neither cached nor reachable fails at once, saying so.
 """
 from __future__ import annotations
 
@@ -62,3 +63,66 @@ def seed_hf_cache(name: str, weights: PathLike, cache_dir: Optional[PathLike] = 
     refs.mkdir(parents=True, exist_ok=True)
     (refs / (revision or "main")).write_text(commit)
     return target
+
+
+#: seconds to wait for the hub to answer the one request that tells whether it can be reached
+PROBE_TIMEOUT = 5.0
+
+
+def resolve_pretrained_file(name: str) -> str:
+    """Local path of timm's pretrained weights for 'arch[.tag]', from the Hugging Face (or torch) hub cache,
+    downloading them when they are not cached and the hub answers.
+
+    The cache is read first without any network access. When the file is not cached and ``HF_HUB_OFFLINE``
+    is set, or one request (no retries, ``PROBE_TIMEOUT`` seconds) finds the hub unreachable, this fails at
+    once with one WeightsError line naming the weights and the offline recipe.
+    """
+    cfg = pretrained_cfg(name)
+    if not cfg:
+        raise WeightsError(f"{name}: timm has no pretrained weights for this name")
+    full = f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("architecture") and cfg.get("tag") else name
+    hub_id = cfg.get("hf_hub_id")
+    if hub_id:
+        return _from_hf_hub(full, hub_id, cfg.get("hf_hub_filename"))
+    for key in ("file", "url"):
+        loc = cfg.get(key)
+        if loc:
+            import torch
+
+            cached = Path(loc) if key == "file" else Path(torch.hub.get_dir()) / "checkpoints" / Path(loc).name
+            if cached.is_file():
+                return str(cached)
+    raise WeightsError(f"{full}: pretrained weights are not cached locally and vitmha does not download them "
+                       "from outside the Hugging Face hub; pass pretrained='path/to/weights'")
+
+
+def _from_hf_hub(full: str, hub_id: str, filename: Optional[str]) -> str:
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    repo, _, rev = hub_id.partition("@")
+    filenames = [filename] if filename else ["model.safetensors", "pytorch_model.bin"]
+    for fn in filenames:                     # the cache first: no network, no retries
+        try:
+            return hf_hub_download(repo, fn, revision=rev or None, local_files_only=True)
+        except LocalEntryNotFoundError:
+            pass
+    recipe = (f"offline: `vitmha seed-cache --name {full} --weights FILE` and then HF_HUB_OFFLINE=1, or give "
+              "the file itself: pretrained: path/to/weights.safetensors")
+    where = f"not in the local Hugging Face cache ({hf_cache_dir()})"
+    if constants.HF_HUB_OFFLINE:
+        raise WeightsError(f"{full}: timm's pretrained weights (hub repo {repo}) are not available here: {where} "
+                           f"and HF_HUB_OFFLINE is set; {recipe}")
+    for fn in filenames:
+        try:                                 # one request, no retries: is the hub there, and has it the file?
+            get_hf_file_metadata(hf_hub_url(repo, fn, revision=rev or None), timeout=PROBE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - refused, DNS, timeout, proxy, HTTP error: all mean "not reachable"
+            if isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError):
+                continue                     # the hub answered: no such file in the repo
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+            raise WeightsError(f"{full}: timm's pretrained weights (hub repo {repo}) are not available here: "
+                               f"{where} and the hub ({constants.ENDPOINT}) cannot be reached ({reason}); "
+                               f"{recipe}") from None
+        return hf_hub_download(repo, fn, revision=rev or None)
+    raise WeightsError(f"{full}: hub repo {repo} has none of {', '.join(filenames)}; pass "
+                       "pretrained='path/to/weights'")

@@ -9,6 +9,7 @@ import math
 from typing import Callable, Optional, Tuple, Union
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -53,12 +54,29 @@ def make_norm(name: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
     raise ValueError(f"unknown norm layer {name!r}; expected 'layernorm' or 'rmsnorm'")
 
 
+@torch.fx.wrap
+def check_img_size(H: int, W: int, img_size: Tuple[int, int]) -> None:
+    """ValueError unless an input of H x W is the size a fixed-size model was built for (a leaf under torch.fx,
+    so a traced model still checks its input)."""
+    if H != img_size[0] or W != img_size[1]:
+        raise ValueError(f"input image is {H}x{W} but the model was built for {img_size[0]}x{img_size[1]}; "
+                         "build it with img_size=(H, W), or dynamic_img_size=True for varying sizes")
+
+
+@torch.fx.wrap
+def check_patch_multiple(H: int, W: int, patch_size: Tuple[int, int]) -> None:
+    """ValueError unless H and W are multiples of the patch size (a leaf under torch.fx)."""
+    if H % patch_size[0] != 0 or W % patch_size[1] != 0:
+        raise ValueError(f"input image {H}x{W} is not a multiple of the patch size {patch_size[0]}x{patch_size[1]}")
+
+
 class PatchEmbed(nn.Module):
     """Image to patch tokens with one strided convolution: (B, C, H, W) -> (B, N, D) or (B, h, w, D).
 
     With `dynamic=True` any image size whose sides are multiples of the patch size is accepted (or padded
     up to one with `dynamic_pad`) and the output keeps its grid shape so the position embedding can be
-    resampled to it.
+    resampled to it. Attributes and methods that other code reads follow timm's PatchEmbed (`img_size`,
+    `grid_size`, `num_patches`, `strict_img_size`, `feat_ratio()`, `dynamic_feat_size()`).
     """
 
     def __init__(
@@ -75,29 +93,42 @@ class PatchEmbed(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = to_2tuple(patch_size)
-        self.img_size = to_2tuple(img_size) if img_size is not None else None
-        self.grid_size = (
-            (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-            if self.img_size is not None else None
-        )
-        self.num_patches = self.grid_size[0] * self.grid_size[1] if self.grid_size else None
         self.dynamic = dynamic
         self.dynamic_pad = dynamic_pad
+        self.strict_img_size = not dynamic
+        self.set_img_size(img_size)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
         self.norm = norm if norm is not None else nn.Identity()
 
+    def set_img_size(self, img_size: Optional[Size2]) -> None:
+        """The input size the model is laid out for (`img_size`, `grid_size`, `num_patches`)."""
+        self.img_size = to_2tuple(img_size) if img_size is not None else None
+        self.grid_size = (                    # floor, as timm's: the position embedding's layout
+            (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+            if self.img_size is not None else None)
+        self.num_patches = self.grid_size[0] * self.grid_size[1] if self.grid_size else None
+
+    def feat_ratio(self, as_scalar: bool = True) -> Union[int, Tuple[int, int]]:
+        """The stride of the token grid: the patch size (its larger side with `as_scalar`)."""
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        """The token grid (h, w) of an input of `img_size` (H, W): rounded up with `dynamic_pad`, else down."""
+        ph, pw = self.patch_size
+        if self.dynamic_pad:
+            return -(-img_size[0] // ph), -(-img_size[1] // pw)
+        return img_size[0] // ph, img_size[1] // pw
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
+        H, W = x.shape[-2], x.shape[-1]
         ph, pw = self.patch_size
         if not self.dynamic:
-            if self.img_size is not None and (H, W) != self.img_size:
-                raise ValueError(
-                    f"input image is {H}x{W} but the model was built for {self.img_size[0]}x{self.img_size[1]}; "
-                    "build it with img_size=(H, W), or dynamic_img_size=True for varying sizes")
+            if self.img_size is not None:
+                check_img_size(H, W, self.img_size)
         elif self.dynamic_pad:
-            x = F.pad(x, (0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph))
-        elif H % ph or W % pw:
-            raise ValueError(f"input image {H}x{W} is not a multiple of the patch size {ph}x{pw}")
+            x = F.pad(x, [0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph])
+        else:
+            check_patch_multiple(H, W, self.patch_size)
         x = self.proj(x)                      # (B, D, h, w)
         x = x.permute(0, 2, 3, 1)             # (B, h, w, D)
         x = self.norm(x)

@@ -4,22 +4,25 @@
 Argument and module names follow timm's `VisionTransformer`, so `create_backbone` can pass timm's
 overrides through and timm checkpoints load key for key.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.fx writes the forward's annotations into the code it
+# generates, and TorchScript then reads them, so they must be real types
 from functools import partial
-from typing import Dict, List, Literal, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitmha.models.attention import Attention, AttentionPool
+from vitmha.models.compat import TimmModelAPI
 from vitmha.models.layers import (DropPath, GluMlp, LayerScale, Mlp, PatchDropout, PatchEmbed, Size2, SwiGLU,
                                   lecun_normal_, make_norm, mlp_hidden, to_2tuple, trunc_normal_)
 from vitmha.models.resample import resample_pos_embed
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# a leaf under torch.fx in this module too (the grid is a value only when the model runs)
+torch.fx.wrap("resample_pos_embed")
 
 
 #: timm's MLP variants by name: the feed-forward part of a block
@@ -106,10 +109,22 @@ class ResPostBlock(Block):
         return x + self.drop_path2(self.norm2(self.mlp(x))), attn
 
 
-class VisionTransformer(nn.Module):
+def default_pretrained_cfg(in_chans: int, img_size: Size2, num_classes: int, dynamic: bool,
+                           distilled: bool) -> Dict[str, Any]:
+    """The pretrained config of a model built without one (timm's ViT defaults, ImageNet mean/std)."""
+    return dict(input_size=(in_chans, *to_2tuple(img_size)), fixed_input_size=not dynamic,
+                mean=tuple(IMAGENET_DEFAULT_MEAN), std=tuple(IMAGENET_DEFAULT_STD), crop_pct=0.9,
+                crop_mode="center", interpolation="bicubic", num_classes=num_classes, pool_size=None,
+                first_conv="patch_embed.proj", classifier=("head", "head_dist") if distilled else "head")
+
+
+class VisionTransformer(TimmModelAPI, nn.Module):
     """Vision Transformer (Dosovitskiy et al., 2021) with the variations timm's ViT families use.
 
     (B, in_chans, H, W) -> logits (B, num_classes), or pooled features (B, embed_dim) when num_classes=0.
+    It has timm's attributes and methods besides (``pretrained_cfg``, ``get_classifier``, ``reset_classifier``,
+    ``forward_intermediates``, ...: :class:`vitmha.models.compat.TimmModelAPI`), so code written for timm's ViT
+    takes it, and TorchScript and torch.fx take its forward.
 
     Args:
         img_size: input size the position embedding is laid out for (int or (H, W)).
@@ -157,6 +172,9 @@ class VisionTransformer(nn.Module):
         attn_pool_act: activation in the 'map' pooling MLP; None = act_layer.
         fused_attn: use F.scaled_dot_product_attention (False: explicit softmax path, same numbers).
         res_post_norm: blocks norm the branch output (x + norm(f(x))) instead of its input.
+        distilled: DeiT's distillation token (``dist_token``, after the class token) and second head
+            (``head_dist``) on it, in timm's layout; the output is the mean of the two heads, or both
+            ``(x, x_dist)`` while training after ``set_distilled_training(True)``. Needs 'token' pooling.
         weight_init: 'timm' (trunc-normal 0.02 linears) or 'jax' (xavier / lecun as big_vision).
     """
 
@@ -207,6 +225,7 @@ class VisionTransformer(nn.Module):
         attn_pool_act: Optional[str] = None,
         fused_attn: bool = True,
         res_post_norm: bool = False,
+        distilled: bool = False,
         weight_init: str = "timm",
     ) -> None:
         super().__init__()
@@ -216,22 +235,27 @@ class VisionTransformer(nn.Module):
             raise ValueError("global_pool='token' needs class_token=True")
         if pos_embed not in ("learn", "none", ""):
             raise ValueError(f"pos_embed={pos_embed!r}: expected 'learn' or 'none'")
+        if distilled and (global_pool != "token" or reg_tokens):
+            raise ValueError("distilled=True (DeiT's distillation token) needs global_pool='token' and no "
+                             f"register tokens; got global_pool={global_pool!r}, reg_tokens={reg_tokens}")
         use_fc_norm = global_pool in ("avg", "max", "avgmax") if fc_norm is None else fc_norm
         norm = partial(make_norm, norm_layer, eps=norm_eps, bias=norm_bias)
 
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.has_class_token = class_token
         self.num_reg_tokens = reg_tokens
-        self.num_prefix_tokens = int(class_token) + reg_tokens
+        self.num_prefix_tokens = int(class_token) + int(distilled) + reg_tokens
         self.no_embed_class = no_embed_class
         self.pool_include_prefix = pool_include_prefix
         self.dynamic_img_size = dynamic_img_size
         self.grad_checkpointing = False
-        self.pretrained_cfg: Dict = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-                                     "input_size": (in_chans, *to_2tuple(img_size))}
+        self.distilled_training = False
+        self.pretrained_cfg: Dict[str, Any] = default_pretrained_cfg(in_chans, img_size, num_classes,
+                                                                     dynamic_img_size, distilled)
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -243,6 +267,7 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         embed_len = n_patches if no_embed_class else n_patches + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_len, embed_dim)) if pos_embed == "learn" else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None   # timm's key order
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.patch_drop = (PatchDropout(patch_drop_rate, self.num_prefix_tokens) if patch_drop_rate > 0
                            else nn.Identity())
@@ -257,6 +282,9 @@ class VisionTransformer(nn.Module):
                   scale_mlp_norm=scale_mlp_norm, proj_bias=proj_bias, init_values=init_values,
                   attn_drop=attn_drop_rate, proj_drop=proj_drop_rate, drop_path=dpr[i], fused_attn=fused_attn)
             for i in range(depth)])
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=reduction)
+                             for i in range(depth)]
         self.norm = norm(embed_dim) if final_norm and not use_fc_norm else nn.Identity()
         if global_pool == "map":
             self.attn_pool = AttentionPool(
@@ -268,12 +296,15 @@ class VisionTransformer(nn.Module):
         self.fc_norm = norm(embed_dim) if final_norm and use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_dist = ((nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity())
+                          if distilled else None)
         self.init_weights(weight_init)
 
     # ------------------------------------------------------------------ init / bookkeeping
     def init_weights(self, mode: str = "timm") -> None:
         """Random init as timm's: 'timm' = trunc-normal(0.02) linears, PyTorch's default patch conv;
-        'jax' = xavier-uniform linears, lecun-normal patch conv, zero head. Tokens near zero in both."""
+        'jax' = xavier-uniform linears, lecun-normal patch conv, zero heads. Tokens near zero in both (the
+        distillation token trunc-normal(0.02), as timm's)."""
         if mode not in ("timm", "jax"):
             raise ValueError(f"weight_init={mode!r}: expected 'timm' or 'jax'")
         if self.pos_embed is not None:
@@ -281,10 +312,12 @@ class VisionTransformer(nn.Module):
         for tok in (self.cls_token, self.reg_token):
             if tok is not None:
                 nn.init.normal_(tok, std=1e-6)
+        if self.dist_token is not None:
+            trunc_normal_(self.dist_token, std=0.02)
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
                 if mode == "jax":
-                    nn.init.zeros_(m.weight) if name == "head" else nn.init.xavier_uniform_(m.weight)
+                    nn.init.zeros_(m.weight) if name in ("head", "head_dist") else nn.init.xavier_uniform_(m.weight)
                 else:
                     trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
@@ -294,25 +327,8 @@ class VisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        """Parameter names that AdamW should not decay (tokens and position embeddings)."""
-        names = {"pos_embed", "cls_token", "reg_token", "attn_pool.latent"}
-        return {n for n, _ in self.named_parameters() if n in names}
-
-    @property
-    def num_layer_ids(self) -> int:
-        return len(self.blocks) + 2
-
-    def param_layer_id(self, name: str) -> int:
-        """Depth of a parameter for layer-wise lr decay: 0 embeddings, i+1 for blocks.i, depth+1 after."""
-        if name.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "norm_pre")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return len(self.blocks) + 1
-
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (training only)."""
         self.grad_checkpointing = enable
 
     def set_fused_attn(self, enable: bool = True) -> None:
@@ -321,33 +337,31 @@ class VisionTransformer(nn.Module):
             if isinstance(m, (Attention, AttentionPool)):
                 m.fused = enable
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the head with a fresh one of `num_classes` outputs (0 removes it)."""
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if (global_pool == "map") != (self.attn_pool is not None):
-                raise ValueError("switching to or from 'map' pooling needs a new model")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """A distilled model (``distilled=True``) returns both heads' logits ``(x, x_dist)`` while training,
+        for a distillation loss on each (timm's switch); otherwise, and always in eval, their mean."""
+        if self.head_dist is None:
+            raise ValueError("set_distilled_training: this model has no distillation token (distilled=False)")
+        self.distilled_training = enable
 
     # ------------------------------------------------------------------ forward
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, N, D) or grid (B, h, w, D) -> (B, prefix + N, D) with position embedding."""
+        """Patch tokens (B, N, D), or the grid (B, h, w, D) with dynamic_img_size -> (B, prefix + N, D) with
+        the position embedding."""
         B = x.shape[0]
-        prefix = []
+        prefix: List[torch.Tensor] = []
         if self.cls_token is not None:
             prefix.append(self.cls_token.expand(B, -1, -1))
+        if self.dist_token is not None:
+            prefix.append(self.dist_token.expand(B, -1, -1))
         if self.reg_token is not None:
             prefix.append(self.reg_token.expand(B, -1, -1))
         pos_embed = self.pos_embed
-        if x.ndim == 4:                                                  # dynamic size: (B, h, w, D)
-            h, w = x.shape[1:3]
+        if self.dynamic_img_size:                                        # (B, h, w, D): resample to the grid
+            h, w = x.shape[1], x.shape[2]
             if pos_embed is not None:
                 pos_embed = resample_pos_embed(
-                    pos_embed, (h, w), old_size=self.patch_embed.grid_size,
+                    pos_embed, [h, w], list(self.patch_embed.grid_size),
                     num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens)
             x = x.reshape(B, h * w, -1)
         if pos_embed is None:
@@ -360,11 +374,6 @@ class VisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_pre(self._pos_embed(self.patch_embed(x)))
-
-    def _grid(self, x: torch.Tensor) -> Tuple[int, int]:
-        ph, pw = self.patch_embed.patch_size
-        H, W = x.shape[-2:]
-        return (-(-H // ph), -(-W // pw)) if self.patch_embed.dynamic_pad else (H // ph, W // pw)
 
     def _run_blocks(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, take: Sequence[int] = (),
                     last: Optional[int] = None, attention: bool = False) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -386,14 +395,21 @@ class VisionTransformer(nn.Module):
                 out.append(x)
         return x, out
 
-    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm."""
+    def forward_features(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                         is_causal: bool = False) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D): every token after the final norm. ``attn_mask`` as
+        ``F.scaled_dot_product_attention``'s; ``is_causal`` lets each token attend to itself and earlier ones."""
         x = self._pos_embed(self.patch_embed(x))
-        if self.training and not isinstance(self.patch_drop, nn.Identity):
-            if attn_mask is not None:
+        if not torch.jit.is_scripting():
+            if attn_mask is not None and self.training and not isinstance(self.patch_drop, nn.Identity):
                 raise ValueError("patch_drop_rate > 0 drops tokens while training; it cannot take an attn_mask")
-            x = self.patch_drop(x)
-        x, _ = self._run_blocks(self.norm_pre(x), attn_mask)
+        x = self.norm_pre(self.patch_drop(x))
+        attn_mask = causal_mask(x, attn_mask, is_causal)
+        if torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = blk(x, attn_mask)
+        else:
+            x, _ = self._run_blocks(x, attn_mask)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
@@ -413,13 +429,25 @@ class VisionTransformer(nn.Module):
         return 0.5 * (x.amax(1) + x.mean(1))                             # avgmax
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> pooled features (pre_logits) or logits."""
+        """Tokens -> pooled features (pre_logits) or logits. A distilled model: the mean of the class and
+        distillation tokens' (pre_logits) or of their heads' outputs; ``(x, x_dist)`` while training after
+        ``set_distilled_training(True)``."""
+        if self.head_dist is not None:
+            x, x_dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+            if not torch.jit.is_scripting():  # one return type under TorchScript: the mean
+                if self.distilled_training and self.training:
+                    return x, x_dist
+            return (x + x_dist) / 2
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         """(B, C, H, W) -> logits (B, num_classes), or pooled features when num_classes=0."""
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x, attn_mask, is_causal))
 
     def _resolve_indices(self, indices: Union[int, Sequence[int], None]) -> List[int]:
         depth = len(self.blocks)
@@ -446,26 +474,40 @@ class VisionTransformer(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
+        output_dict: bool = False,
         attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
     ):
-        """Outputs of chosen blocks, as (B, D, h, w) maps ('NCHW') or (B, N, D) tokens ('NLC').
+        """Outputs of chosen blocks, as (B, D, h, w) maps ('NCHW') or (B, N, D) tokens ('NLC'); timm's
+        arguments and returns.
 
-        `indices`: an int n takes the last n blocks, a list takes those blocks (negative counts from the end).
-        Returns the list, or (final normed tokens, list) unless `intermediates_only`. With
-        `return_prefix_tokens` each entry is (map, prefix tokens).
+        `indices`: an int n takes the last n blocks, a list takes those blocks (negative counts from the end),
+        None every block. Returns the list, or (final normed tokens, list) unless `intermediates_only`; with
+        `return_prefix_tokens` each entry is (map, prefix tokens). `output_dict`: {'image_intermediates': list,
+        'image_features': final tokens (unless `intermediates_only`), 'image_intermediates_prefix': prefix
+        tokens (with `return_prefix_tokens`)}. Every token is kept (no patch dropout).
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
         take = self._resolve_indices(indices)
-        h, w = self._grid(x)
+        h, w = self.patch_embed.dynamic_feat_size((x.shape[-2], x.shape[-1]))
         B = x.shape[0]
         last = max(take) if (stop_early or intermediates_only) else None
-        x, feats = self._run_blocks(self._embed(x), attn_mask, take, last)
+        x = self._embed(x)
+        attn_mask = causal_mask(x, attn_mask, is_causal)
+        x, feats = self._run_blocks(x, attn_mask, take, last)
         feats = [self.norm(f) for f in feats] if norm else feats
         prefix = [f[:, :self.num_prefix_tokens] for f in feats]
         feats = [f[:, self.num_prefix_tokens:] for f in feats]
         if output_fmt == "NCHW":
             feats = [f.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for f in feats]
+        if output_dict:
+            out: Dict[str, Any] = {"image_intermediates": feats}
+            if return_prefix_tokens and self.num_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
         if return_prefix_tokens:
             feats = list(zip(feats, prefix))
         if intermediates_only:
@@ -482,3 +524,18 @@ class VisionTransformer(nn.Module):
         take = self._resolve_indices([-1] if indices is None else indices)
         _, maps = self._run_blocks(self._embed(x), attn_mask, take, max(take), attention=True)
         return maps
+
+
+@torch.fx.wrap  # a leaf under torch.fx: whether there is a mask is known only when the model runs
+def causal_mask(x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> Optional[torch.Tensor]:
+    """``attn_mask``, or with ``is_causal`` the (N, N) bool mask that lets token i of ``x`` (B, N, D) attend to
+    tokens 0..i, combined with ``attn_mask`` (bool: both must allow; float: -inf where causality forbids)."""
+    if not is_causal:
+        return attn_mask
+    n = x.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))

@@ -2,11 +2,14 @@
 
 Files: `.safetensors` (preferred), `.pth/.pt/.bin/.ckpt` (torch.load with weights_only=True: a pickle that
 would build arbitrary objects is refused, nothing in it runs), and big_vision/timm JAX `.npz`.
-Layouts converted: timm's own, Lightning checkpoints of vitmha tasks (their EMA weights when trained with EMA), DINOv2's original, OpenAI / Open CLIP
-visual towers, DeiT-3 / BEiT `gamma_1/gamma_2`. Then the position embedding is resampled to the model's
-grid, the patch kernel adapted to its input channels (as timm does: summed for one channel, repeated and
-rescaled for others) and resampled to its patch size, a classifier head of another size is re-initialised with a
-warning, and any other missing, unexpected or mis-shaped key is an error that lists the keys.
+Layouts converted: timm's own (DeiT's distilled archs included), Lightning checkpoints of vitmha tasks (their EMA
+weights when trained with EMA; LoRA / DoRA factors merged into the base weights with the task's saved ``peft``
+spec), DINOv2's original, OpenAI / Open CLIP visual towers, DeiT-3 / BEiT `gamma_1/gamma_2`. Then the position
+embedding is resampled to the model's grid and the patch kernel adapted to its input channels (as timm does:
+summed for one channel, repeated and rescaled for others) and resampled to its patch size, both with timm's own
+functions (``timm.layers.resample_abs_pos_embed`` / ``resample_patch_embed``); a classifier head of another
+size is re-initialised with a warning, and any other missing, unexpected or mis-shaped key is an error that
+lists the keys.
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitmha.models.resample import resample_patch_embed, resample_pos_embed
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -254,6 +256,10 @@ def convert_layout(sd: StateDict, model: nn.Module, source: str = "weights") -> 
 
 # ---------------------------------------------------------------------------------------------- fitting
 def _fit_shapes(sd: StateDict, model: nn.Module, source: str) -> StateDict:
+    """The position embedding resampled to the model's grid and the patch kernel adapted to its input channels
+    and resampled to its patch size, with timm's functions (those timm's own loader uses)."""
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
     own = model.state_dict()
     sd = dict(sd)
     if "pos_embed" in sd and getattr(model, "pos_embed", None) is not None:
@@ -269,18 +275,21 @@ def _fit_shapes(sd: StateDict, model: nn.Module, source: str) -> StateDict:
                     if math.isqrt(pe.shape[1] - p) ** 2 == pe.shape[1] - p:
                         pe = pe[:, p:]
                         break
-            try:
-                pe = resample_pos_embed(pe, model.patch_embed.grid_size, num_prefix_tokens=prefix_model)
-            except ValueError as e:
-                raise WeightsError(f"{source}: pos_embed {tuple(sd['pos_embed'].shape)} cannot be fitted to "
-                                   f"the model's {tuple(target.shape)}: {e}") from None
+            n_grid = pe.shape[1] - prefix_model
+            side = math.isqrt(max(n_grid, 0))
+            if n_grid <= 0 or side * side != n_grid:
+                raise WeightsError(f"{source}: pos_embed {tuple(sd['pos_embed'].shape)} cannot be fitted to the "
+                                   f"model's {tuple(target.shape)}: {n_grid} patch entries after {prefix_model} "
+                                   "prefix ones are not a square grid")
+            pe = resample_abs_pos_embed(pe, list(model.patch_embed.grid_size), old_size=[side, side],
+                                        num_prefix_tokens=prefix_model)
         sd["pos_embed"] = pe
     k = "patch_embed.proj.weight"
     if k in sd and k in own and sd[k].ndim == 4 and sd[k].shape[0] == own[k].shape[0] \
             and sd[k].shape[1] != own[k].shape[1]:
         sd[k] = adapt_input_channels(sd[k], own[k].shape[1])
     if k in sd and k in own and sd[k].shape[-2:] != own[k].shape[-2:] and sd[k].shape[:2] == own[k].shape[:2]:
-        sd[k] = resample_patch_embed(sd[k], own[k].shape[-2:])
+        sd[k] = resample_patch_embed(sd[k], list(own[k].shape[-2:]))
     return sd
 
 
@@ -290,7 +299,7 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     One channel: the kernels summed over C (a grey image g = R = G = B gives the RGB model's embedding).
     Otherwise the C kernels repeated cyclically (channel i takes kernel i mod C), cut to ``in_chans`` and
     scaled by C / in_chans, which keeps the embedding's scale for inputs whose channels look alike.
-    Linear in the kernel, so it commutes with the patch-size resampling of ``resample_patch_embed``.
+    Linear in the kernel, so it commutes with the patch-size resampling (timm's ``resample_patch_embed``).
     """
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
@@ -321,31 +330,92 @@ def _keep_first_blocks(sd: StateDict, depth: int, source: str) -> StateDict:
     return {k: v for k, v in sd.items() if _block_index(k) < depth}
 
 
+#: the classifier heads' keys (DeiT's distilled models have a second one on the distillation token)
+HEAD_PREFIXES = ("head.", "head_dist.")
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> tuple[StateDict, Dict]:
+    """(tensors, hyper-parameters) of a weights file; the hyper-parameters of a Lightning checkpoint
+    (``hyper_parameters``), {} for any other file."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        obj = load_torch_file(path)
+        hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+        return unwrap_state_dict(obj, source=str(path)), dict(hp) if isinstance(hp, Mapping) else {}
+    return read_weights(path), {}
+
+
 def load_into(model: nn.Module, weights, source: str = "weights", truncate_depth: bool = False) -> None:
     """Load a file path or a state dict into a vitmha VisionTransformer, converting and checking as described.
 
-    ``truncate_depth``: the model was built with fewer blocks than the checkpoint on purpose (``keep_blocks``
-    given); the checkpoint's first ``len(model.blocks)`` blocks are loaded and the deeper ones dropped. Without
-    it, extra blocks are an error like any other unexpected key."""
+    A task checkpoint trained with LoRA / DoRA loads merged (the factors folded into the base weights with its
+    saved ``peft`` spec: a plain model); one trained with VPT prompts or adapters is an error (a plain ViT has
+    no place for them). ``truncate_depth``: the model was built with fewer blocks than the checkpoint on
+    purpose (``keep_blocks`` given); the checkpoint's first ``len(model.blocks)`` blocks are loaded and the
+    deeper ones dropped. Without it, extra blocks are an error like any other unexpected key."""
+    hparams: Dict = {}
     if isinstance(weights, (str, os.PathLike)):
         source = str(weights)
-        sd = read_weights(weights)
+        sd, hparams = read_checkpoint(weights)
     elif isinstance(weights, Mapping):
+        hp = weights.get("hyper_parameters")
+        hparams = dict(hp) if isinstance(hp, Mapping) else {}
         sd = unwrap_state_dict(weights, source)
     else:
         raise WeightsError(f"pretrained must be False, True, a path or a state dict; got {type(weights).__name__}")
     sd = convert_layout(sd, model, source)
+    spec = _peft_to_merge(sd, hparams, source)
+    if spec is None:
+        _load_checked(model, sd, source, truncate_depth)
+        return
+    from vitmha.peft import apply_peft, merge_peft
+
+    trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+    apply_peft(model, spec)                 # the checkpoint's LoRA layers, to load its factors into
+    _load_checked(model, sd, source, truncate_depth)
+    merge_peft(model)                       # W + s B A (DoRA: its magnitude): a plain model again
+    for n, p in model.named_parameters():
+        p.requires_grad_(trainable[n])
+
+
+def _peft_to_merge(sd: StateDict, hparams: Mapping, source: str):
+    """The LoRA / DoRA spec whose factors ``sd`` holds (from the task's saved ``peft``), None when it holds
+    none; WeightsError for prompts or adapters, or for factors without a spec to merge them with."""
+    from vitmha.peft import PeftError, parse_peft
+
+    try:
+        spec = parse_peft(hparams.get("peft"))
+    except PeftError as e:
+        raise WeightsError(f"{source}: its saved peft spec is not readable: {e}") from None
+    unmergeable = next((k for k in sd if ".attn.prompt." in k or ".mlp.adapter." in k), None)
+    if unmergeable or (spec is not None and spec.method in ("vpt", "adapter")):
+        what = spec.method if spec is not None else unmergeable
+        raise WeightsError(f"{source}: a task trained with peft {what}: VPT prompts and adapters have no place in "
+                           "plain ViT weights, so it cannot be a backbone's pretrained weights; load the task "
+                           "itself (vitmha.load, or its class's load_from_checkpoint) or resume it with --ckpt_path")
+    lora = next((k for k in sd if ".lora_A." in k or ".lora_B." in k or ".lora_magnitude." in k), None)
+    if lora is None:
+        return None
+    if spec is None or spec.method not in ("lora", "dora"):
+        raise WeightsError(f"{source}: holds LoRA factors ({lora}) but no lora/dora peft spec to merge them with "
+                           "(a Lightning checkpoint's hyper_parameters.peft); give the task's checkpoint file, or "
+                           "merge them first: vitmha export --checkpoint C --format safetensors")
+    return spec
+
+
+def _load_checked(model: nn.Module, sd: StateDict, source: str, truncate_depth: bool) -> None:
+    """Fit ``sd`` (timm's layout) to ``model`` and load it strictly, or raise WeightsError listing the keys."""
     sd = _fit_shapes(sd, model, source)
     if truncate_depth:
         sd = _keep_first_blocks(sd, len(model.blocks), source)
     own = model.state_dict()
 
-    head_keys = [k for k in own if k.startswith("head.")]
+    head_keys = [k for k in own if k.startswith(HEAD_PREFIXES)]
     head_mismatch = bool(head_keys) and (any(k in sd and sd[k].shape != own[k].shape for k in head_keys)
                                          or not any(k in sd for k in head_keys))
     found_head = tuple(sd["head.weight"].shape) if "head.weight" in sd else "none"
     if head_mismatch or not head_keys:      # a head of another size is replaced; a headless model drops it
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith(HEAD_PREFIXES)}
         sd.update({k: own[k] for k in head_keys})
 
     missing = sorted(set(own) - set(sd))
@@ -363,43 +433,8 @@ def load_into(model: nn.Module, weights, source: str = "weights", truncate_depth
             + fmt("missing", missing) + fmt("unexpected", unexpected) + fmt("shape mismatch", mis))
     if head_mismatch:
         warnings.warn(f"{source}: classifier head re-initialised for {model.num_classes} classes "
-                      f"(checkpoint head: {found_head})", stacklevel=3)
+                      f"(checkpoint head: {found_head})", stacklevel=4)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
-
-
-def resolve_pretrained_file(name: str) -> str:
-    """Local path of timm's pretrained weights for 'arch[.tag]' from the Hugging Face / torch hub cache.
-
-    Works offline (HF_HUB_OFFLINE=1) when the file is cached; otherwise raises WeightsError explaining.
-    """
-    from vitmha.models.config import pretrained_cfg
-
-    cfg = pretrained_cfg(name)
-    if not cfg:
-        raise WeightsError(f"{name}: timm has no pretrained weights for this name")
-    hub_id = cfg.get("hf_hub_id")
-    if hub_id:
-        from huggingface_hub import hf_hub_download
-        repo, _, rev = hub_id.partition("@")
-        filenames = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else \
-            ["model.safetensors", "pytorch_model.bin"]
-        errors = []
-        for fn in filenames:
-            try:
-                return hf_hub_download(repo, fn, revision=rev or None)
-            except Exception as e:  # offline, missing from cache, or a network error
-                errors.append(f"{fn}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise WeightsError(f"{name}: pretrained weights from hub repo {repo!r} are not available here "
-                           f"({'; '.join(errors)}). Download them once with network access, or pass "
-                           "pretrained='path/to/weights.safetensors'.")
-    for key in ("file", "url"):
-        loc = cfg.get(key)
-        if loc:
-            cached = Path(loc) if key == "file" else Path(torch.hub.get_dir()) / "checkpoints" / Path(loc).name
-            if cached.is_file():
-                return str(cached)
-    raise WeightsError(f"{name}: pretrained weights are not cached locally and vitmha does not download at run "
-                       "time; pass pretrained='path/to/weights'")
 
 
 def save_timm_safetensors(model: nn.Module, path: Union[str, os.PathLike], include_head: bool = True) -> Path:
@@ -409,7 +444,7 @@ def save_timm_safetensors(model: nn.Module, path: Union[str, os.PathLike], inclu
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-          if include_head or not k.startswith("head.")}
+          if include_head or not k.startswith(HEAD_PREFIXES)}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(sd, str(tmp), metadata={"format": "pt", "producer": "vitmha"})
     os.replace(tmp, path)
