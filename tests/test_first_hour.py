@@ -106,3 +106,25 @@ def test_the_ckpt_path_is_read_once_and_without_a_weights_only_warning(finetuned
     captured = capsys.readouterr()
     assert reads == [str(finetuned["last"])]
     assert "weights_only" not in captured.out + captured.err + caplog.text
+
+
+def test_a_command_called_from_python_leaves_the_callers_logging_as_it_was(finetuned, tmp_path, caplog):
+    """`vitmha evaluate` quiets Lightning's banner for its own output; called as ``main(argv)`` it must put the
+    level and the warning filters back, or the caller's later INFO records (e.g. the data modules' "skipped N
+    file(s)") vanish."""
+    import logging
+    import warnings
+
+    from vitmha.commands import evaluate
+
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level, filters = lightning_log.level, list(warnings.filters)
+    evaluate.main(["--checkpoint", str(finetuned["last"]), "--config", str(finetuned["config"]),
+                   "--output", str(tmp_path / "report"), "--device", "cpu", "--num-workers", "0"])
+    assert (tmp_path / "report").is_dir()
+    assert lightning_log.level == level and warnings.filters == filters
+    from lightning.pytorch.utilities import rank_zero_info
+
+    with caplog.at_level("INFO"):
+        rank_zero_info("still heard")
+    assert any(r.getMessage() == "still heard" for r in caplog.records)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import warnings
 from typing import Any, Callable, Optional
 
 
@@ -27,17 +29,24 @@ def user_error(exc: Optional[BaseException]) -> Optional[BaseException]:
 
 def exit_on_user_error(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command's entry point: user-facing errors print ``error: ...`` and exit 2
-    (``VITMHA_TRACEBACK=1`` shows the traceback instead); other exceptions propagate."""
+    (``VITMHA_TRACEBACK=1`` shows the traceback instead); other exceptions propagate. The warning filters and
+    the Lightning logger's level a command sets for its own output are put back when it returns, so a command
+    called from Python (``main(argv)``) leaves the caller's logging as it was."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        lightning_log = logging.getLogger("lightning.pytorch")
+        level = lightning_log.level
         try:
-            return main(*args, **kwargs)
+            with warnings.catch_warnings():
+                return main(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - narrowed right below
             err = user_error(exc)
             if err is None or os.environ.get("VITMHA_TRACEBACK"):
                 raise
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        finally:
+            lightning_log.setLevel(level)
 
     return wrapper
