@@ -202,7 +202,9 @@ COMMANDS: dict[str, tuple[Optional[str], str]] = {
     "export": ("vitmha.commands.export", "a checkpoint as ONNX, TorchScript, timm safetensors or PEFT weights"),
     "explain": ("vitmha.commands.explain", "relevance maps of a prediction (attention, rollout, Chefer, IG, ...)"),
     "attention": ("vitmha.commands.attention", "attention maps of a checkpoint or backbone on an image"),
+    "reconstruct": ("vitmha.commands.reconstruct", "original | masked | reconstruction of images by an MAE checkpoint"),
     "tune": ("vitmha.commands.tune", "hyper-parameter or architecture search with Optuna"),
+    "soup": ("vitmha.commands.soup", "average fine-tuned checkpoints: uniform or greedy model soups, WiSE-FT"),
     "parity": ("vitmha.commands.parity", "compare vitmha with timm on every timm ViT architecture"),
     "seed-cache": ("vitmha.commands.seed_cache", "put a weights file in the Hugging Face cache for offline use"),
 }

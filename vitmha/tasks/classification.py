@@ -54,6 +54,10 @@ class ImageClassifier(SupervisedTask):
             ``(1 - p) ** focal_gamma``; with gamma 0 it is the cross-entropy). Both take the class weights,
             label smoothing and mixup's soft targets.
         focal_gamma: focusing parameter of the focal loss (2 in the paper).
+        distill: knowledge distillation (DeiT): ``{teacher: CKPT or timm name, teacher_pretrained: true|PATH,
+            kind: soft|hard, alpha: 0.5, tau: 1.0, token: false}``; the loss becomes (1 - alpha) * this loss +
+            alpha * the distillation loss (soft: KL * tau², hard: cross-entropy to the teacher's argmax). The
+            teacher runs frozen on each training batch and is not saved (see :mod:`vitmha.tasks.distill`).
     """
 
     task = "classification"
@@ -61,7 +65,7 @@ class ImageClassifier(SupervisedTask):
 
     def __init__(self, *, label_smoothing: float = 0.1, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  mix_prob: float = 1.0, tta_hflip: bool = False, loss: str = "ce", focal_gamma: float = 2.0,
-                 **kwargs: Any) -> None:
+                 distill: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if loss not in LOSSES:
             raise TaskConfigError(f"loss: expected one of {', '.join(LOSSES)}, got {loss!r}")
@@ -70,6 +74,9 @@ class ImageClassifier(SupervisedTask):
         num_classes = int(self.hparams.num_classes)
         self.model = self.finish_backbone(self.build_backbone(num_classes=num_classes))
         self.finish_init()
+        from vitmha.tasks.distill import Distiller
+
+        self.distiller = Distiller.create(self, distill)  # None without ``distill``
         self.mixup = Mixup(num_classes, mixup_alpha, cutmix_alpha, prob=mix_prob)
         self.val_metrics = classification_metrics(num_classes, "val/")
         self.test_metrics = classification_metrics(num_classes, "test/")
@@ -80,11 +87,20 @@ class ImageClassifier(SupervisedTask):
         x, y = batch
         if self.mixup.enabled:
             x, y = self.mixup(x, y)  # y: (B, C) soft targets
-        loss = self.check_loss(self.train_loss(self.model(x), y))
+        out = self.model(x)
+        if self.distiller is not None:
+            loss = self.check_loss(self.distiller.loss(self, x, out, y, self.train_loss))
+        else:
+            loss = self.check_loss(self.train_loss(out, y))
         if loss is None:
             return None
         self.log_train(loss, x.shape[0])
         return loss
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.distiller is not None:
+            self.distiller.prepare(self)  # loads the teacher
 
     def train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Training loss of (B, C) logits against class indices (B,) or mixup's soft targets (B, C): the

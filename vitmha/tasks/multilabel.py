@@ -140,6 +140,9 @@ class MultiLabelClassifier(SupervisedTask):
         tune_thresholds: after each validation in ``fit``, set each class's threshold to maximise its F1 on
             the validation set (a class without a positive there keeps its threshold).
         tta_hflip: validate, test and predict on each image and its mirror image, averaging the probabilities.
+        distill: knowledge distillation from a multi-label teacher: ``{teacher: CKPT or timm name, kind: soft|hard,
+            alpha: 0.5, tau: 1.0, ...}``; the loss becomes (1 - alpha) * this loss + alpha * the distillation loss
+            (soft: per-class Bernoulli KL * tau², hard: BCE to the teacher's labels); see :mod:`vitmha.tasks.distill`.
     """
 
     task = "multilabel"
@@ -148,7 +151,7 @@ class MultiLabelClassifier(SupervisedTask):
     def __init__(self, *, class_names: Optional[List[str]] = None, loss: str = "bce", asl_gamma_pos: float = 0.0,
                  asl_gamma_neg: float = 4.0, asl_clip: float = 0.05, label_smoothing: float = 0.0,
                  threshold: Union[float, List[float]] = 0.5, tune_thresholds: bool = False, tta_hflip: bool = False,
-                 **kwargs: Any) -> None:
+                 distill: Optional[Dict[str, Any]] = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         num_classes = int(self.hparams.num_classes)
         if loss not in LOSSES:
@@ -168,6 +171,9 @@ class MultiLabelClassifier(SupervisedTask):
         self.register_buffer("thresholds", thr)  # (C,): in the state dict, so in every checkpoint
         self.model = self.finish_backbone(self.build_backbone(num_classes=num_classes))
         self.finish_init()
+        from vitmha.tasks.distill import Distiller
+
+        self.distiller = Distiller.create(self, distill)  # None without ``distill``
         self.val_scores = _ProbsAndTargets()
         self.test_scores = _ProbsAndTargets()
 
@@ -179,6 +185,8 @@ class MultiLabelClassifier(SupervisedTask):
     # ------------------------------------------------------------------------------ class names
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        if stage == "fit" and self.distiller is not None:
+            self.distiller.prepare(self)  # loads the teacher
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         names = getattr(dm, "classes", None)
         if not names:
@@ -214,7 +222,11 @@ class MultiLabelClassifier(SupervisedTask):
 
     def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
         x, y = batch
-        loss = self.check_loss(self.loss(self.model(x), y, self.train_loss_weight()))
+        out, weight = self.model(x), self.train_loss_weight()
+        if self.distiller is not None:
+            loss = self.check_loss(self.distiller.loss(self, x, out, y, lambda o, t: self.loss(o, t, weight)))
+        else:
+            loss = self.check_loss(self.loss(out, y, weight))
         if loss is None:
             return None
         self.log_train(loss, x.shape[0])
