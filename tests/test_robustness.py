@@ -1,4 +1,4 @@
-"""vitmha.robustness and ``tools/evaluate.py --robustness``: corruptions in pixel space, FGSM/PGD with ε in
+"""vitmha.robustness and ``vitmha evaluate --robustness``: corruptions in pixel space, FGSM/PGD with ε in
 [0, 1] pixel units through the normalisation, and a clean row that is the logged metric."""
 from __future__ import annotations
 
@@ -50,13 +50,25 @@ def test_identity_settings_return_the_input(fn, identity):
     assert torch.equal(fn(x, identity), x)
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
-def test_gaussian_blur_equals_opencv(sigma):
-    x = _pixels((1, 3, 24, 24))
-    r = int(np.ceil(3 * sigma))
+@pytest.mark.parametrize("size, sigma, radius", [(24, 0.5, 2), (24, 1.0, 3), (24, 2.0, 6),
+                                                 ((5, 7), 2.0, 4)])  # radius ceil(3σ), at most the side - 1
+def test_gaussian_blur_equals_opencv(size, sigma, radius):
+    h, w = (size, size) if isinstance(size, int) else size
+    x = _pixels((1, 3, h, w))
     img = x[0].permute(1, 2, 0).numpy()
-    ref = cv2.GaussianBlur(img, (2 * r + 1, 2 * r + 1), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
+    k = 2 * radius + 1
+    ref = cv2.GaussianBlur(img, (k, k), sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
     np.testing.assert_allclose(rb.gaussian_blur(x, sigma)[0].permute(1, 2, 0).numpy(), ref, atol=1e-5)
+
+
+def test_the_explanations_blur_their_baseline_with_the_same_gaussian_blur():
+    from vitmha import explain
+
+    x = _pixels((1, 3, 32, 32))
+    assert explain.gaussian_blur is rb.gaussian_blur
+    assert torch.equal(explain.baseline_image(x, "blur", (8, 8)), rb.gaussian_blur(x, 4.0))
+    with pytest.raises(rb.RobustnessError, match="sigma -1 is negative"):
+        rb.gaussian_blur(x, -1)
 
 
 def test_gaussian_noise_has_the_stated_sigma_and_is_seeded():
@@ -202,6 +214,50 @@ def test_default_and_full_sweeps_agree_on_the_rows_they_share():
     assert [r.score for r in short.rows] == [in_full[(r.perturbation, r.value)] for r in short.rows]
 
 
+def _tiny_task_batches(n=10):
+    from vitmha.tasks import ImageClassifier
+
+    torch.manual_seed(0)
+    task = ImageClassifier(num_classes=3, backbone_kwargs=dict(img_size=16, patch_size=8, embed_dim=16, depth=1,
+                                                               num_heads=2)).eval()
+    x = rb.to_model(_pixels((n, 3, 16, 16), seed=3), MEAN, STD)
+    return task, x, torch.arange(n) % 3
+
+
+def test_a_sweep_scores_the_whole_split_by_default_and_says_so():
+    task, x, y = _tiny_task_batches(10)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    spec = rb.RobustnessSpec.create(perturbations="jpeg")
+    whole = rb.robustness_sweep(task, loader, MEAN, STD, spec)
+    assert whole.samples == 10 and not whole.subset and {r.samples for r in whole.rows} == {10}
+    assert whole.describe() == "the whole split (10 samples)"
+    cut = rb.robustness_sweep(task, loader, MEAN, STD, rb.RobustnessSpec.create(perturbations="jpeg", subset=6))
+    assert cut.samples == 6 and cut.subset and cut.describe() == "a subset: the first 6 of 10 samples"
+    at_a_batch_edge = rb.robustness_sweep(task, loader, MEAN, STD, rb.RobustnessSpec.create(perturbations="jpeg",
+                                                                                          subset=8))
+    assert at_a_batch_edge.subset and at_a_batch_edge.samples == 8
+    more = rb.robustness_sweep(task, loader, MEAN, STD, rb.RobustnessSpec.create(perturbations="jpeg", subset=50))
+    assert more.samples == 10 and not more.subset  # a subset as large as the split is the whole split
+    listed = rb.robustness_sweep(task, [(x[:4], y[:4]), (x[4:], y[4:])], MEAN, STD,
+                                 rb.RobustnessSpec.create(perturbations="jpeg", subset=5))
+    assert listed.describe() == "a subset: the first 5 samples"  # batches without a dataset: no split size
+
+
+def test_csv_and_json_say_how_many_samples_and_whether_a_subset(tmp_path):
+    import json
+
+    task, x, y = _tiny_task_batches(10)
+    loader = DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    res = rb.robustness_sweep(task, loader, MEAN, STD, rb.RobustnessSpec.create(perturbations="fgsm", subset=5))
+    rows = _csv(rb.write_csv(res, str(tmp_path / "r.csv")))
+    assert {(r["samples"], r["subset"]) for r in rows} == {("5", "true")}
+    doc = json.loads(open(rb.write_json(res, str(tmp_path / "r.json"))).read())
+    assert (doc["samples"], doc["subset"], doc["split_samples"]) == (5, True, 10)
+    assert doc["described"] == "a subset: the first 5 of 10 samples" and doc["spec"]["subset"] == 5
+    assert [r["score"] for r in doc["rows"]] == [r.score for r in res.rows]
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
 def test_only_classifiers_and_segmenters_are_swept():
     other = torch.nn.Linear(2, 2)
     other.task = "multilabel"
@@ -250,8 +306,9 @@ def test_clean_row_of_the_whole_split_is_the_logged_metric_exactly(ckpts, mislab
     args = ["--checkpoint", ckpts[kind], "--config", _config(tmp_path, ckpts, kind, mislabelled), "--split", split]
     plain = evaluate.main(args + ["--output", tmp_path / "plain"])
     out = tmp_path / "robust"
-    res = evaluate.main(args + ["--output", out, "--robustness", "--robustness_subset", "0"])
+    res = evaluate.main(args + ["--output", out, "--robustness"])  # the whole split by default
     sweep = res["robustness"]
+    assert not sweep.subset and sweep.describe() == f"the whole split ({sweep.samples} samples)"
     assert sweep.metric == metric
     assert sweep.clean() == plain["logged"][metric] == res["logged"][metric]  # exactly
     if kind == "clf":
@@ -260,21 +317,23 @@ def test_clean_row_of_the_whole_split_is_the_logged_metric_exactly(ckpts, mislab
     assert [r["perturbation"] for r in rows][:2] == ["clean", "gaussian_noise"]
     assert len(rows) == 1 + 5 * 3 + 2 * 3
     assert float(rows[0]["score"]) == pytest.approx(plain["logged"][metric], abs=5e-7)
-    assert {int(r["samples"]) for r in rows} == {sweep.samples}
+    assert {(int(r["samples"]), r["subset"]) for r in rows} == {(sweep.samples, "false")}
     assert all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
     assert_real_png(out / "robustness.png")
     assert (out / "summary.json").is_file()  # the usual report is still written
 
 
-@pytest.mark.parametrize("kind, split, n", [("clf", "test", 5), ("seg", "val", 2)])
-def test_clean_row_of_a_subset_is_the_metric_of_that_subset(ckpts, mislabelled, tmp_path, kind, split, n):
+@pytest.mark.parametrize("kind, split, n, flag", [("clf", "test", 5, "--subset"),
+                                                 ("seg", "val", 2, "--robustness_subset")])  # the old spelling
+def test_clean_row_of_a_subset_is_the_metric_of_that_subset(ckpts, mislabelled, tmp_path, kind, split, n, flag):
     cfg = _config(tmp_path, ckpts, kind, mislabelled)
     res = evaluate.main(["--checkpoint", ckpts[kind], "--config", cfg, "--split", split, "--output", tmp_path / "r",
-                         "--robustness", "--robustness_subset", str(n), "--robustness_corruptions", "jpeg,fgsm",
+                         "--robustness", flag, str(n), "--robustness_corruptions", "jpeg,fgsm",
                          "--robustness_full"])
     sweep = res["robustness"]
     assert [r.perturbation for r in sweep.rows] == ["clean"] + ["jpeg"] * 5 + ["fgsm"] * 5
-    assert sweep.samples == n
+    assert sweep.samples == n and sweep.subset
+    assert {r["subset"] for r in _csv(tmp_path / "r" / "robustness.csv")} == {"true"}
     # the same first n samples evaluated on their own by trainer.test/validate, as the tool's first run does
     dm = evaluate.build_datamodule(yaml.safe_load(cfg.read_text())["data"], load_task(str(ckpts[kind])), str(cfg))
     dm.setup("test" if split == "test" else "fit")
@@ -295,7 +354,7 @@ def test_clean_row_of_a_subset_is_the_metric_of_that_subset(ckpts, mislabelled, 
     (["--robustness", "--robustness_eps", "0.01,-0.03"], "error: --robustness_eps: ε -0.03 is negative"),
     (["--robustness", "--robustness_eps", "8"],
      "error: --robustness_eps: ε 8 is above 1; ε is in [0, 1] pixel units"),
-    (["--robustness", "--robustness_subset", "-1"], "error: --robustness_subset: subset -1 is negative"),
+    (["--robustness", "--robustness_subset", "-1"], "error: --subset: subset -1 is negative"),
     (["--robustness_full"], "error: --robustness_full: only applies with --robustness"),
 ])
 def test_bad_robustness_options_are_one_line_errors(ckpts, tmp_path, capsys, extra, message):

@@ -99,6 +99,10 @@ class Trainer(L.Trainer):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = plugins + [AtomicCheckpointIO()]
         super().__init__(*args, **kwargs)
+        if str(self.precision).startswith("bf16") and self.strategy.root_device.type == "cpu":
+            from vitmha.precision import warn_if_emulated
+
+            warn_if_emulated("cpu")  # Lightning would silently run the emulated, slower bf16
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
         """``lightning.Trainer.fit``; preemption signals are caught from the start, the data module's setup too."""

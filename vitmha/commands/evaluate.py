@@ -9,12 +9,18 @@ support, AUROC), roc_curves.png (one-vs-rest), auroc.json, summary.json; for a s
 per_class_iou.csv, confusion_matrix.png/.csv, samples.png (image | truth | prediction), summary.json.
 summary.json holds the metrics exactly as the task logs them (``val/acc``, ``test/miou``, ...).
 
+Several checkpoints of one task and classes are an ensemble (``vitmha.fusion.EnsembleTask``): the mean of their
+probabilities (per pixel for a segmenter), each member computing them as its own evaluation does, scored with
+the first one's metrics and report; summary.json then names the members under ``ensemble``.
+
+    vitmha evaluate --checkpoint a.ckpt b.ckpt c.ckpt --config configs/quickstart.yaml --output report/
+
 With ``--robustness`` it also writes robustness.csv and robustness.png: accuracy (classifier) or mIoU
-(segmenter) on the first ``--robustness_subset`` samples of the split (default 512 images, 64 for a
-segmenter; 0 = all), clean, under Gaussian noise, Gaussian blur, JPEG, brightness and contrast (severity
-levels 1, 3, 5 of 5; all five with ``--robustness_full``), and under FGSM and 10-step PGD at ε = 1/255,
-4/255, 16/255 in [0, 1] pixel units (1, 2, 4, 8, 16 /255 with ``--robustness_full``). Corruptions and
-attacks act on the un-normalised pixels; the levels are listed in vitmha/robustness.py.
+(segmenter) on the whole split (``--subset N``: its first N samples; the report says which), clean, under
+Gaussian noise, Gaussian blur, JPEG, brightness and contrast (severity levels 1, 3, 5 of 5; all five with
+``--robustness_full``), and under FGSM and 10-step PGD at ε = 1/255, 4/255, 16/255 in [0, 1] pixel units
+(1, 2, 4, 8, 16 /255 with ``--robustness_full``). Corruptions and attacks act on the un-normalised pixels; the
+levels are listed in vitmha/robustness.py.
 
     vitmha evaluate --checkpoint last.ckpt --config configs/quickstart.yaml --split val --output report/ --robustness
 """
@@ -36,7 +42,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = None if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(prog="vitmha evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="Lightning checkpoint of a vitmha task; several (of one task and classes) = an ensemble: "
+                        "the mean of their probabilities, scored with the first one's metrics and report")
     p.add_argument("--config", default=None,
                    help="YAML config whose data: section gives the data module (default: the one saved in the checkpoint)")
     p.add_argument("--split", choices=("val", "test"), default="test", help="which split to evaluate (default test)")
@@ -44,15 +52,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="override the data module's batch size")
     p.add_argument("--num-workers", type=int, default=None, help="override the data module's loader workers")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="fp32 (default); bf16 weights (fast on CPUs with AMX/AVX512-BF16 and on GPUs); int8: "
+                        "dynamically quantised linear layers (torchao); see vitmha.precision")
     p.add_argument("--samples", type=int, default=6, help="segmentation images drawn in samples.png")
     r = p.add_argument_group("robustness (vitmha.robustness)")
     r.add_argument("--robustness", action="store_true",
                    help="also write robustness.csv/.png: the metric under corruptions and FGSM/PGD attacks")
     r.add_argument("--robustness_full", "--robustness-full", action="store_true", default=None,
                    help="5 severity levels and 5 ε instead of 3 and 3")
-    r.add_argument("--robustness_subset", "--robustness-subset", type=int, default=None, metavar="N",
-                   help="the first N samples of the split, the same for every row (default 512 images for a "
-                        "classifier, 64 for a segmenter; 0 = all)")
+    r.add_argument("--subset", "--robustness_subset", "--robustness-subset", dest="robustness_subset", type=int,
+                   default=None, metavar="N",
+                   help="score only the first N samples of the split, the same for every row (default: the whole "
+                        "split; 0 = the whole split); the report says how many samples it used")
     r.add_argument("--robustness_corruptions", "--robustness-corruptions", default=None, metavar="LIST",
                    help="comma-separated subset of gaussian_noise, gaussian_blur, jpeg, brightness, contrast, "
                         "fgsm, pgd (default all)")
@@ -62,7 +74,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="PGD steps (default 10, each of ε/4)")
     r.add_argument("--robustness_seed", "--robustness-seed", type=int, default=None,
                    help="seed of the noise and of PGD's random start (default 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.checkpoints, args.checkpoint = list(args.checkpoint), args.checkpoint[0]  # the first one's data and report
+    return args
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a RobustnessSpec field."""
+    return {"perturbations": "--robustness_corruptions", "subset": "--subset"}.get(key, f"--robustness_{key}")
 
 
 def robustness_spec(args):
@@ -75,16 +94,14 @@ def robustness_spec(args):
     if not args.robustness:
         given = [k for k, v in options.items() if v is not None]
         if given:
-            flag = "corruptions" if given[0] == "perturbations" else given[0]
-            raise ToolError(f"--robustness_{flag}: only applies with --robustness")
+            raise ToolError(f"{_flag(given[0])}: only applies with --robustness")
         return None
     kwargs = {k: v for k, v in options.items() if v is not None}
     for key in kwargs:
         try:
             RobustnessSpec.create(**{key: kwargs[key]})
         except RobustnessError as e:
-            flag = "corruptions" if key == "perturbations" else key
-            raise ToolError(f"--robustness_{flag}: {e}") from None
+            raise ToolError(f"{_flag(key)}: {e}") from None
     return RobustnessSpec.create(**kwargs)
 
 
@@ -197,6 +214,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if dm_classes is not None and int(dm_classes) != int(task.hparams.num_classes):
         raise ToolError(f"{args.config or args.checkpoint}: the data has {dm_classes} classes, the checkpoint "
                         f"{task.hparams.num_classes}")
+    if len(args.checkpoints) > 1:  # an ensemble: vitmha.fusion.EnsembleTask averages the members' probabilities
+        from vitmha.fusion import load_ensemble
+
+        task = load_ensemble(args.checkpoints, dm, first=(task, ckpt))
+    from vitmha.precision import prepare_inference
+
+    task = prepare_inference(task, args.precision, device)
     stage = "validate" if args.split == "val" else "test"
     report = EvaluationReport(output_dir=args.output, stages=(stage,), num_samples=args.samples)
     trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
@@ -205,7 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     run = trainer.validate if stage == "validate" else trainer.test
     logged = run(task, datamodule=dm, verbose=False)[0]
     result = report.result or {}
-    print(f"wrote the {args.split} report to {args.output}:")
+    members = f" of an ensemble of {len(args.checkpoints)}: {', '.join(args.checkpoints)}" \
+        if len(args.checkpoints) > 1 else ""
+    print(f"wrote the {args.split} report{members} to {args.output}:")
     for name, path in sorted(report.files.items()):
         print(f"  {path}")
     for k, v in sorted((result.get("metrics") or {}).items()):
@@ -228,12 +254,15 @@ def robustness_report(task, dm, args, spec, device, files: Dict[str, Any]):
     prefix = "val/" if args.split == "val" else "test/"
     res = rb.robustness_sweep(task, loader, mean, std, spec, prefix=prefix, device=device)
     files["robustness_csv"] = rb.write_csv(res, os.path.join(args.output, "robustness.csv"))
-    title = f"{os.path.basename(args.checkpoint)}: {args.split} split, first {res.samples} samples"
+    members = getattr(args, "checkpoints", [args.checkpoint])
+    name = os.path.basename(args.checkpoint) if len(members) == 1 else f"ensemble of {len(members)}"
+    title = f"{name}: {args.split} split"
     files["robustness_png"] = rb.save_robustness_plot(res, os.path.join(args.output, "robustness.png"), title=title)
-    print(f"robustness on the first {res.samples} {args.split} samples ({res.seconds:.1f} s; corruptions on "
+    files["robustness_json"] = rb.write_json(res, os.path.join(args.output, "robustness.json"))
+    print(f"robustness on {res.describe()} of the {args.split} split ({res.seconds:.1f} s; corruptions on "
           "[0, 1] pixels, ε in [0, 1] pixel units):")
     print(rb.format_table(res))
-    print(f"  {files['robustness_csv']}\n  {files['robustness_png']}")
+    print(f"  {files['robustness_csv']}\n  {files['robustness_png']}\n  {files['robustness_json']}")
     return res
 
 

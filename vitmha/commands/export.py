@@ -1,6 +1,7 @@
 """Export a trained vitmha checkpoint for deployment.
 
     vitmha export --checkpoint last.ckpt --format onnx --output model.onnx
+    vitmha export --checkpoint last.ckpt --format onnx --int8 --output model.int8.onnx
     vitmha export --checkpoint last.ckpt --format torchscript --output model.pt
     vitmha export --checkpoint last.ckpt --format safetensors --output backbone.safetensors
     vitmha export --checkpoint last.ckpt --format peft --output lora.safetensors
@@ -193,13 +194,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     argv = None if argv is None else [str(a) for a in argv]
     p = argparse.ArgumentParser(prog="vitmha export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--checkpoint", required=True, help="Lightning checkpoint of an ImageClassifier or SemanticSegmenter")
+    p.add_argument("--checkpoint", required=True,
+                   help="Lightning checkpoint of a vitmha task (a MaskedAutoencoder's exports its encoder)")
     p.add_argument("--format", required=True, choices=("onnx", "safetensors", "torchscript", "peft"),
                    help="peft: only the parameters a peft run trained, with its hyper-parameters")
     p.add_argument("--output", required=True, help="file to write (its folder is created)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input side of the exported graph (default: the training image size)")
     p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET}, at least 17)")
+    p.add_argument("--int8", action="store_true",
+                   help="onnx: quantise the linear layers' weights to int8 (ONNX Runtime's dynamic quantisation)")
     p.add_argument("--no-merge", action="store_true",
                    help="onnx / torchscript: keep LoRA / DoRA layers apart instead of merged into the weights")
     return p.parse_args(argv)
@@ -258,6 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.no_merge and args.format in ("safetensors", "peft"):
         what = "plain timm weights (merged)" if args.format == "safetensors" else "the unmerged parameters"
         raise ToolError(f"--no-merge applies to onnx and torchscript; --format {args.format} writes {what}")
+    if args.int8 and args.format != "onnx":
+        raise ToolError("--int8 applies to --format onnx (for PyTorch: vitmha predict|evaluate --precision int8)")
     require_packages(args.format)
     ckpt = read_checkpoint(args.checkpoint)
     task = load_task(args.checkpoint, ckpt=ckpt)
@@ -279,6 +285,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     record = preprocess_record(pre, task, size)
     if args.format == "onnx":
         info = export_onnx(task, out, size, args.opset)
+        if args.int8:
+            from vitmha.precision import quantize_onnx_int8
+
+            info["int8_max_abs_diff"] = quantize_onnx_int8(str(out))
+            print(f"quantised {out} to int8 weights: max abs logit diff vs fp32 {info['int8_max_abs_diff']:.2e} "
+                  "(batch of 3)")
         add_onnx_metadata(out, record)
         print(f"wrote {out}: input 'input' (batch, {c}, {size}, {size}), output 'logits'; {info['attention']} "
               f"attention; onnxruntime vs PyTorch max abs diff {info['max_abs_diff']:.2e} (batch of 3)")

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (created)")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
+                   help="fp32 (default); bf16 weights (fast on CPUs with AMX/AVX512-BF16 and on GPUs); int8: "
+                        "dynamically quantised linear layers (torchao); see vitmha.precision")
     p.add_argument("--topk", type=int, default=5, help="classes per image in predictions.csv (default 5)")
     p.add_argument("--mode", choices=("auto", "resize", "slide"), default="auto",
                    help="segmentation: 'resize' every image to the training size, 'slide' windows of the training "
@@ -69,6 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                                   parse_backbone_kwargs(args.backbone_kwargs), device)
     else:
         predictor = load(args.checkpoint, device)
+    from vitmha.precision import prepare_inference
+
+    predictor.tasks = [prepare_inference(t, args.precision, device) for t in predictor.tasks]
     files = collect_inputs(args.input)
     batched(files, args.batch_size)  # a bad --batch-size fails before anything is written
     os.makedirs(args.output, exist_ok=True)
