@@ -437,3 +437,19 @@ def test_fsdp_flat_parameters_are_refused_with_the_fix(tmp_path):
         assert _decisions(param_groups(wrapped.module, lr=1.0, weight_decay=0.05, layer_decay=0.75)) == plain
     finally:
         dist.destroy_process_group()
+
+
+def test_bf16_mixed_on_the_cpu_trains_with_the_default_clipping(tmp_path):
+    """Lightning's mixed-precision plugin refuses to clip the gradients of an optimizer that unscales them itself
+    (fused AdamW): under ``*-mixed`` the task builds AdamW unfused, and a clipped bf16-mixed step runs."""
+    import lightning as L
+
+    task = _tiny_task(warmup_epochs=0)
+    x, y = torch.randn(8, 3, 16, 16), torch.arange(8) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(task, loader)
+    assert trainer.global_step == 2 and not trainer.optimizers[0].defaults["fused"]
+    assert all(torch.isfinite(p).all() for p in task.parameters())

@@ -162,20 +162,23 @@ def steps_per_epoch(trainer: Any) -> Optional[float]:
 
 
 def make_optimizer(name: str, groups: List[Dict[str, Any]], *, lr: float, momentum: float = 0.9,
-                   nesterov: bool = False, betas: Tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+                   nesterov: bool = False, betas: Tuple[float, float] = (0.9, 0.999),
+                   fused: bool = True) -> torch.optim.Optimizer:
     """The optimiser ``name`` (``adamw``, ``sgd`` or ``lamb``) over ``groups``, whose ``lr`` and
     ``weight_decay`` entries it keeps. AdamW decays decoupled from the gradient; LAMB is timm's (Adam's update
     plus ``weight_decay * w``, scaled per tensor by the trust ratio in the groups with weight decay; no clipping
     of its own: the tasks clip the global norm); SGD adds ``weight_decay * w`` to the gradient (L2), with
-    ``momentum`` and optionally Nesterov momentum. Raises ValueError for an unknown name or Nesterov without
-    momentum."""
+    ``momentum`` and optionally Nesterov momentum. ``fused=False`` keeps AdamW off its fused CPU kernel (mixed
+    precision: Lightning's AMP plugins cannot clip the gradients of an optimizer that unscales them itself).
+    Raises ValueError for an unknown name or Nesterov without momentum."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if name == "adamw":
         # on the CPU torch's default is a Python loop over the tensors; its fused kernel does the same update
         # ~3x faster (benchmarks/optimizer.py: 5.1 vs 16.2 ms a step for a ViT-Ti). Plain CPU parameters
         # only: GPUs keep torch's default, FSDP's flat parameters the loop.
-        fused = all(type(p) is nn.Parameter and p.device.type == "cpu" for g in groups for p in g["params"])
+        fused = fused and all(type(p) is nn.Parameter and p.device.type == "cpu"
+                              for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), fused=True if fused else None)
     if name == "lamb":
         from timm.optim import Lamb
@@ -202,9 +205,12 @@ def build_optimizer(
 ) -> Dict[str, Any]:
     """The optimiser (:func:`make_optimizer`) over ``groups`` and a LambdaLR stepped every optimizer step,
     in the dict form that ``LightningModule.configure_optimizers`` returns. Total steps come from
-    ``module.trainer.estimated_stepping_batches``; ``warmup_steps`` overrides ``warmup_epochs``."""
-    opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum, nesterov=nesterov, betas=betas)
+    ``module.trainer.estimated_stepping_batches``; ``warmup_steps`` overrides ``warmup_epochs``. Under a mixed
+    precision (``trainer.precision`` ``*-mixed``) AdamW is not fused."""
     trainer = module.trainer
+    mixed = str(getattr(trainer, "precision", "")).endswith("-mixed")
+    opt = make_optimizer(optimizer, groups, lr=lr, momentum=momentum, nesterov=nesterov, betas=betas,
+                         fused=not mixed)
     total = int(trainer.estimated_stepping_batches)
     if warmup_steps is None:
         per_epoch = steps_per_epoch(trainer)
