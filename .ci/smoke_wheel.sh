@@ -12,10 +12,14 @@ WHEELS=$(mktemp -d)
 "$PY" -m pip install -q --force-reinstall --no-deps "$WHEELS"/vitmha-*.whl
 "$PY" -m pip install -q "$(ls "$WHEELS"/vitmha-*.whl)[export]"   # its dependencies, from its own metadata
 
+CLONE=$PWD
 WORK=$(mktemp -d)
 cd "$WORK"
-where=$("$PY" -c "import vitmha, os; print(os.path.dirname(vitmha.__file__))")
-case "$where" in "$OLDPWD"*) echo "vitmha imports from the clone ($where), not the wheel" >&2; exit 1;; esac
+where=$("$PY" -c "import vitmha, os; print(os.path.dirname(os.path.realpath(vitmha.__file__)))")
+# The venv may live inside the clone (CI's .venv); what must not happen is importing the clone's source folder.
+if [ "$where" = "$CLONE/vitmha" ] || [ "${where##*/site-packages/}" = "$where" ]; then
+  echo "vitmha imports from $where, not from the installed wheel" >&2; exit 1
+fi
 echo "vitmha from $where"
 
 "$VITMHA" --help > /dev/null
