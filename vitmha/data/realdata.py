@@ -21,6 +21,33 @@ from vitmha.data.sources import (FASHION_CLASSES, load_fashion_mnist, mnist5k_pa
 from vitmha.data.transforms import TransformSpec, build_transforms, segmentation_eval
 
 
+def labelled_subset(train: np.ndarray, labels: np.ndarray, fraction: float, size: Optional[int],
+                    seed: int) -> np.ndarray:
+    """The train indices kept for a small-label run: a stratified random share (``subset_fraction``) or number
+    (``subset_size``) of ``train``, drawn with ``seed`` (scikit-learn's ``train_test_split``); all of them when
+    neither is set. ``labels`` are the labels of the whole array ``train`` indexes."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction <= 1:
+        raise DataValidationError([("subset_fraction", f"expected a share in (0, 1], got {fraction}")])
+    if size is not None:
+        if fraction != 1:
+            raise DataValidationError([("subset_size", "give subset_size or subset_fraction, not both")])
+        classes = len(np.unique(labels[train]))
+        if not classes <= int(size) <= len(train):
+            raise DataValidationError([("subset_size", f"expected {classes} (one image per class) to "
+                                        f"{len(train)} (the train split), got {size}")])
+        if int(size) == len(train):
+            return train
+        keep = int(size)
+    elif fraction == 1:
+        return train
+    else:
+        keep = fraction
+    kept, _ = train_test_split(train, train_size=keep, stratify=labels[train], random_state=seed)
+    return np.sort(kept)
+
+
 class FashionMNISTDataModule(InMemoryClassificationModule):
     """Fashion-MNIST (real, 70,000 28×28 grey images, 10 classes) from its gzipped IDX files.
 
@@ -38,6 +65,8 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         root: Optional[str] = None,
         image_size: int = 28,
         val_size: int = 5000,
+        subset_size: Optional[int] = None,
+        subset_fraction: float = 1.0,
         split_seed: int = 0,
         batch_size: int = 128,
         num_workers: int = 0,
@@ -61,7 +90,11 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
             image_size: side the 28×28 images are resized to.
             val_size: images of the official train set held out for validation (stratified); 0: none, all
                 60,000 train and validation is skipped.
-            split_seed: seed of the train/val split.
+            subset_size: train on this many of the remaining training images only, a stratified random
+                subset drawn with ``split_seed`` (e.g. 600 for 1 % of the labels); validation and test are
+                unchanged. None: all of them.
+            subset_fraction: the same as a share of the remaining training images (e.g. 0.01).
+            split_seed: seed of the train/val split and of the subset.
             batch_size: images per batch.
             num_workers: dataloader workers (0: data is in memory).
             pin_memory: pin host memory; None = when CUDA is available.
@@ -92,6 +125,9 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
             raise DataValidationError([("val_size", f"expected 0 (no validation split) or a number of images, got "
                                         f"{val_size}")])
         self.root, self.val_size, self.split_seed = root, int(val_size), split_seed
+        self.subset_size, self.subset_fraction = subset_size, float(subset_fraction)
+        if not 0 < self.subset_fraction <= 1:
+            raise DataValidationError([("subset_fraction", f"expected a share in (0, 1], got {subset_fraction}")])
         self.num_classes = 10
         self.classes = list(FASHION_CLASSES)
 
@@ -107,10 +143,12 @@ class FashionMNISTDataModule(InMemoryClassificationModule):
         data = load_fashion_mnist(self.root)
         x, y = data["train"]
         if self.val_size == 0:
-            self._make({"train": (x, y), "test": data["test"]}, "fashion_mnist")
+            tr = labelled_subset(np.arange(len(y)), y, self.subset_fraction, self.subset_size, self.split_seed)
+            self._make({"train": (x[tr], y[tr]), "test": data["test"]}, "fashion_mnist")
             return
         tr, va = train_test_split(np.arange(len(y)), test_size=self.val_size, stratify=y, random_state=self.split_seed)
         tr, va = np.sort(tr), np.sort(va)
+        tr = labelled_subset(tr, y, self.subset_fraction, self.subset_size, self.split_seed)
         self._make({"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": data["test"]}, "fashion_mnist")
 
 
@@ -127,6 +165,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         subset_fraction: float = 1.0,
+        subset_size: Optional[int] = None,
         split_seed: int = 0,
         batch_size: int = 64,
         num_workers: int = 0,
@@ -148,6 +187,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
             val_fraction: share of the 5,000 digits held out for validation (stratified).
             test_fraction: share held out for test (stratified).
             subset_fraction: share of the remaining train digits kept (stratified), e.g. 0.1 for 360 labels.
+            subset_size: the same as a number of digits (e.g. 100); give one of the two.
             split_seed: seed of the splits and the subset.
             batch_size: images per batch.
             num_workers: dataloader workers (0: data is in memory).
@@ -174,9 +214,9 @@ class MNIST5kDataModule(InMemoryClassificationModule):
                           persistent_workers=persistent_workers, seed=seed, mean=mean, std=std, backbone=backbone,
                           in_chans=grey_channels(in_chans), sampler=sampler)
         if not 0 < subset_fraction <= 1:
-            raise ValueError(f"subset_fraction must be in (0, 1], got {subset_fraction}")
+            raise DataValidationError([("subset_fraction", f"expected a share in (0, 1], got {subset_fraction}")])
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.subset_fraction, self.split_seed = subset_fraction, split_seed
+        self.subset_fraction, self.subset_size, self.split_seed = subset_fraction, subset_size, split_seed
         self.num_classes = 10
         self.classes = [str(i) for i in range(10)]
 
@@ -196,8 +236,7 @@ class MNIST5kDataModule(InMemoryClassificationModule):
         rest, te = train_test_split(idx, test_size=self.test_fraction, stratify=y, random_state=self.split_seed)
         val_share = self.val_fraction / (1 - self.test_fraction)
         tr, va = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=self.split_seed)
-        if self.subset_fraction < 1:
-            tr, _ = train_test_split(tr, train_size=self.subset_fraction, stratify=y[tr], random_state=self.split_seed)
+        tr = labelled_subset(tr, y, self.subset_fraction, self.subset_size, self.split_seed)
         tr, va, te = np.sort(tr), np.sort(va), np.sort(te)
         self._make({"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (x[te], y[te])}, "mnist5k")
 
