@@ -31,6 +31,14 @@ def test_classification_writes_one_row_per_image_with_topk(ckpts, tmp_path):
         assert 1.0 >= float(r[2]) >= float(r[4]) >= 0.0
 
 
+def test_an_output_folder_with_a_trailing_slash_is_printed_as_one_path(ckpts, tmp_path, capsys):
+    predict.main(["--checkpoint", ckpts["clf"], "--input", ckpts["clf_root"] / "test" / "red",
+                  "--output", f"{tmp_path}/preds/", "--no-progress"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path}/preds/predictions.csv" in out and "//" not in out
+    assert len(_rows(tmp_path / "preds" / "predictions.csv")) == 1 + 3
+
+
 def test_classification_probabilities_equal_the_task_on_the_data_modules_eval_batches(ckpts, tmp_path):
     from vitmha.data import ImageFolderDataModule
     from tests.helpers import MEAN, STD

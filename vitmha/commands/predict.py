@@ -77,6 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     predictor.tasks = [prepare_inference(t, args.precision, device) for t in predictor.tasks]
     files = collect_inputs(args.input)
     batched(files, args.batch_size)  # a bad --batch-size fails before anything is written
+    args.output = os.path.normpath(args.output)  # 'preds/' and 'preds' name the same folder in what is printed
     os.makedirs(args.output, exist_ok=True)
     sink = predictor.task.prediction_sink(args.output, predictor.classes, args.topk, alpha=args.alpha)
     from tqdm import tqdm
