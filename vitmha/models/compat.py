@@ -24,11 +24,11 @@ NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token", "reg_token", "attn_po
 STEM = ("patch_embed", "cls_token", "dist_token", "reg_token", "pos_embed", "norm_pre")
 
 
-class TimmModelAPI:
-    """timm's model interface on top of a VisionTransformer (a mixin: it reads the model's modules)."""
+class DefaultCfgAlias:
+    """``default_cfg``, timm's older name of ``pretrained_cfg`` (the same dict), for any model that has one."""
 
-    # TorchScript compiles a scripted module's properties; these are Python-side bookkeeping only
-    __jit_unused_properties__ = ["default_cfg", "num_layer_ids"]
+    # TorchScript compiles a scripted module's properties; this one is Python-side bookkeeping only
+    __jit_unused_properties__ = ["default_cfg"]
 
     @property
     def default_cfg(self) -> Dict[str, Any]:
@@ -38,6 +38,12 @@ class TimmModelAPI:
     @default_cfg.setter
     def default_cfg(self, cfg: Dict[str, Any]) -> None:
         self.pretrained_cfg = cfg
+
+
+class TimmModelAPI(DefaultCfgAlias):
+    """timm's model interface on top of a VisionTransformer (a mixin: it reads the model's modules)."""
+
+    __jit_unused_properties__ = ["default_cfg", "num_layer_ids"]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:

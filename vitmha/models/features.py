@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitmha.models.compat import DefaultCfgAlias
 from vitmha.models.vit import VisionTransformer
 
 #: create_backbone's keyword arguments that belong to the feature wrapper (they need features_only=True)
@@ -117,7 +118,7 @@ def _stride(patch: int, scale: float) -> Union[int, float]:
     return int(s) if s == int(s) else s
 
 
-class FeatureBackbone(nn.Module):
+class FeatureBackbone(DefaultCfgAlias, nn.Module):
     """A VisionTransformer as a feature extractor, as timm's ``features_only=True``.
 
     (B, C, H, W) -> list of (B, D, H/p, W/p) maps, the outputs of blocks ``out_indices`` (not final-normed,
@@ -168,15 +169,6 @@ class FeatureBackbone(nn.Module):
             self._take = take
             info = [dict(module=f"blocks.{i}", num_chs=model.embed_dim, reduction=patch) for i in range(depth)]
             self.feature_info = FeatureInfo(info, take)
-
-    @property
-    def default_cfg(self) -> Dict[str, Any]:
-        """timm's older name of ``pretrained_cfg`` (the same dict)."""
-        return self.pretrained_cfg
-
-    @default_cfg.setter
-    def default_cfg(self, cfg: Dict[str, Any]) -> None:
-        self.pretrained_cfg = cfg
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
