@@ -29,6 +29,13 @@ def data_args(kind: str, root: Path) -> list[str]:
                 "--model.init_args.mixup_alpha", "0.2",
                 "--data", "vitmha.data.ImageFolderDataModule",
                 "--data.init_args.root", str(data), "--data.init_args.hflip", "0.5"]
+    if kind == "mae":  # unlabelled images: the class folders are only nesting here
+        data = make_folder(root / "colours")
+        return ["--model", "vitmha.tasks.MaskedAutoencoder",
+                "--model.init_args.backbone_kwargs", BACKBONE,
+                "--model.init_args.lr", "0.001",
+                "--data", "vitmha.data.UnlabeledFolderDataModule",
+                "--data.init_args.root", str(data / "train"), "--data.init_args.val_root", str(data / "val")]
     from vitmha.data import export_shapes_folder
 
     data = export_shapes_folder(str(root / "shapes"), n_train=12, n_val=4, image_size=24)
@@ -96,7 +103,7 @@ def assert_continues_bitwise(straight_digests, resumed: Path, first_epoch: int) 
         assert value == straight_digests[epoch], f"epoch {epoch}: weights differ from the uninterrupted run"
 
 
-@pytest.mark.parametrize("kind", ["classification", "segmentation"])
+@pytest.mark.parametrize("kind", ["classification", "segmentation", "mae"])
 def test_sigkill_mid_epoch_3_then_resume_from_the_epoch_2_checkpoint_is_bitwise(kind, straight, tmp_path):
     data, reference = straight(kind)
     killed = train(tmp_path, data, tmp_path / "killed.txt", "--trainer.callbacks+=tests.helpers.KillAt",
@@ -109,7 +116,7 @@ def test_sigkill_mid_epoch_3_then_resume_from_the_epoch_2_checkpoint_is_bitwise(
     assert_continues_bitwise(reference, tmp_path / "resumed.txt", first_epoch=2)
 
 
-@pytest.mark.parametrize("kind", ["classification", "segmentation"])
+@pytest.mark.parametrize("kind", ["classification", "segmentation", "mae"])
 def test_sigkill_after_a_mid_epoch_checkpoint_then_resume_is_bitwise(kind, straight, tmp_path):
     data, reference = straight(kind)
     steps = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
