@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """What a masked-autoencoder training step costs against a supervised one on the same backbone.
 
-    python benchmarks/mae.py --quick     # the Fashion-MNIST recipe's size only, batch 32, 3 rounds (under a minute)
+    python benchmarks/mae.py --quick     # the Fashion-MNIST recipe's size and batch (256) only, 3 rounds (under a minute)
     python benchmarks/mae.py             # + 4-px patches, and ViT-Ti at 224 px; 5 rounds
 
 A step = forward + loss + backward + AdamW step, in fp32 on the CPU (``--device cuda --dtype bfloat16`` on a
-GPU), outside Lightning, the same optimiser for both. The MAE step is ``MaskedAutoencoder.masked_forward``
+GPU), outside Lightning, the same optimiser for both (AdamW, fused on the CPU as the tasks use it). The MAE step is ``MaskedAutoencoder.masked_forward``
 (keyed masks, the encoder on the visible 25 % of the patches plus the class token, the decoder on every
 patch, the loss on the masked ones); the supervised step is ``ImageClassifier``'s backbone on every patch
 with a cross-entropy. Each round times both once, alternating which goes first; the table gives img/s from the
@@ -78,7 +78,9 @@ def make_steps(kwargs: dict, decoder: dict, batch: int, device: str, dtype: torc
     for name, module, loss_fn in (
             ("MAE 75 %", mae, lambda it: mae.masked_forward(mae.model, x, mae.noise("train", 0, it, x))[0]),
             ("supervised", clf, lambda it: F.cross_entropy(clf.model(x).float(), y))):
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95))
+        # fused on the CPU, as the tasks' optimizer (vitmha.tasks.optim); torch's default elsewhere
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, betas=(0.9, 0.95),
+                                fused=True if device == "cpu" else None)
         module.train()
         counter = [0]
 
@@ -134,8 +136,8 @@ def table(settings: Sequence[str], rounds: int, iters: int, device: str, dtype: 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="the Fashion-MNIST recipe's size only, batch 32, 3 rounds")
-    p.add_argument("--batch", type=int, default=None, help="images per step (default: each setting's; --quick 32)")
+    p.add_argument("--quick", action="store_true", help="the Fashion-MNIST recipe's size and batch only, 3 rounds")
+    p.add_argument("--batch", type=int, default=None, help="images per step (default: each setting's)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, --quick 3)")
     p.add_argument("--iters", type=int, default=None, help="steps per timing (default 2, --quick 1)")
     p.add_argument("--device", default="cpu")
@@ -146,8 +148,7 @@ def main(argv=None) -> None:
     iters = args.iters or (1 if args.quick else 2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {args.device}, {args.dtype}; "
           f"median of {rounds} alternating rounds x {iters} steps", flush=True)
-    batch = args.batch or (32 if args.quick else None)
-    print(table(settings, rounds, iters, args.device, getattr(torch, args.dtype), batch))
+    print(table(settings, rounds, iters, args.device, getattr(torch, args.dtype), args.batch))
 
 
 if __name__ == "__main__":

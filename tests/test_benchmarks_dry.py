@@ -1,4 +1,4 @@
-"""The speed benchmarks run end to end at tiny sizes (so they cannot rot): inference, train_step, gpu --dry."""
+"""The speed benchmarks run end to end at tiny sizes (so they cannot rot): inference, train_step, mae, gpu --dry."""
 from __future__ import annotations
 
 import os
@@ -13,10 +13,12 @@ CASES = {
     "inference": ["--quick", "--img-size", "32", "--rounds", "1", "--tome", "2"],
     "train_step": ["--quick", "--img-size", "32", "--batch", "2", "--rounds", "1"],
     "gpu": ["--dry"],
+    "mae": ["--quick", "--batch", "2", "--rounds", "1"],
 }
 EXPECT = {
     "inference": ["timm fp32", "timm bf16 autocast", "vitmha bf16 weights", "vitmha int8", "vitmha ToMe r=2"],
     "train_step": ["timm fp32", "vitmha fp32", "timm bf16-mixed", "vitmha bf16-mixed"],
+    "mae": ["| supervised | 2 |", "| MAE 75 % | 2 |"],
     "gpu": ["eager (SDPA default)", "SDPA math only", "torch.compile", "4. data loader", "5. fine-tune"],
 }
 
