@@ -54,11 +54,11 @@ def analytic_gflop(mae: MaskedAutoencoder) -> Tuple[float, float]:
     n, p = enc.patch_embed.num_patches, enc.num_prefix_tokens
     ph, pw = enc.patch_embed.patch_size
     patch_dim = ph * pw * enc.in_chans
-    embed = 2 * n * patch_dim * enc.embed_dim / 1e9  # the patch projection runs on every patch in both
     keep = int(n * (1 - mae.hparams.mask_ratio))
+    embed = 2 * n * patch_dim * enc.embed_dim / 1e9  # the supervised patch projection: every patch
     dec = mae.decoder
     d = dec.decoder_embed.out_features
-    mae_flop = (embed + blocks_gflop(p + keep, enc.embed_dim, len(enc.blocks))
+    mae_flop = (embed * keep / n + blocks_gflop(p + keep, enc.embed_dim, len(enc.blocks))
                 + 2 * (p + keep) * enc.embed_dim * d / 1e9 + blocks_gflop(p + n, d, len(dec.decoder_blocks))
                 + 2 * n * d * patch_dim / 1e9)
     return mae_flop, embed + blocks_gflop(p + n, enc.embed_dim, len(enc.blocks))

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vitmha
 from tests.helpers import VITMHA, assert_real_png, load_tool, randomize
-from vitmha.heads.mae import (encode_visible, mask_noise, masked_loss, normalize_patches, num_visible, patchify,
-                              random_masking, unpatchify)
+from vitmha.heads.mae import (encode_visible, final_norm, mask_noise, masked_loss, normalize_patches, num_visible,
+                              patchify, random_masking, unpatchify)
 from vitmha.tasks import ImageClassifier, MaskedAutoencoder, SemanticSegmenter
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -374,3 +374,26 @@ def test_vitmha_fit_pretrains_from_a_config_and_reconstruct_draws_the_checkpoint
     with pytest.raises(SystemExit) as exc:
         reconstruct.main(["--checkpoint", run / "checkpoints" / "last.ckpt", "--image", tmp_path / "missing.png"])
     assert exc.value.code == 2 and capsys.readouterr().err.strip().endswith("missing.png: no such image file")
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(reg_tokens=2, no_embed_class=True), dict(dynamic_img_size=True),
+                                    dict(in_chans=13, class_token=False, global_pool="avg")])
+def test_projecting_only_the_visible_patches_equals_the_convolution_over_every_patch(kwargs):
+    """encode_visible projects the visible patches alone (one matmul on their pixels); the reference is the
+    encoder's own path: its convolutional patch embedding over the whole image, then the visible tokens."""
+    torch.manual_seed(0)
+    enc = tiny_mae(backbone_kwargs=kwargs).model.train()
+    x = torch.randn(3, enc.in_chans, 16, 16)
+    ids_keep, _, _ = random_masking(mask_noise(0, "train", 0, 0, 3, 16), 0.75)
+    got = encode_visible(enc, x, ids_keep)
+    got.sum().backward()
+    grad = enc.patch_embed.proj.weight.grad.clone()
+    enc.zero_grad()
+    x_full = enc._pos_embed(enc.patch_embed(x))
+    P = enc.num_prefix_tokens
+    D = x_full.shape[-1]
+    seq = torch.cat([x_full[:, :P], torch.gather(x_full[:, P:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))], 1)
+    want = final_norm(enc)(enc._run_blocks(enc.norm_pre(seq))[0])
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, enc.patch_embed.proj.weight.grad, rtol=1e-4, atol=1e-5)

@@ -116,8 +116,21 @@ def token_grid(encoder: nn.Module, images: torch.Tensor) -> Grid:
 
 def encode_visible(encoder: nn.Module, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, prefix + n_visible, D): only the visible patches (and the prefix tokens) through
-    the encoder's own patch embedding, position embedding, blocks and final norm."""
-    x = encoder._pos_embed(encoder.patch_embed(images))  # (B, prefix + N, D), position embedding added
+    the encoder's own patch embedding, position embedding, blocks and final norm.
+
+    With vitmha's patch embedding only the visible patches are projected, into their places of an otherwise
+    zero token grid, which then takes the encoder's own position embedding (any prefix tokens, resampling,
+    ``no_embed_class``); the masked places are dropped before the blocks, so their value does not matter."""
+    embed = encoder.patch_embed
+    if hasattr(embed, "forward_patches"):
+        kept = embed.forward_patches(images, ids_keep)                     # (B, n_visible, D)
+        B, n, D = kept.shape
+        h, w = embed.dynamic_feat_size(tuple(images.shape[-2:]))
+        tokens = kept.new_zeros(B, h * w, D).scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), kept)
+        tokens = tokens.view(B, h, w, D) if getattr(embed, "dynamic", False) else tokens
+    else:
+        tokens = embed(images)
+    x = encoder._pos_embed(tokens)                                          # (B, prefix + N, D)
     P = encoder.num_prefix_tokens
     prefix, patches = x[:, :P], x[:, P:]
     D = patches.shape[-1]

@@ -119,7 +119,8 @@ class PatchEmbed(nn.Module):
             return -(-img_size[0] // ph), -(-img_size[1] // pw)
         return img_size[0] // ph, img_size[1] // pw
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _checked(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked against the layout (or padded up to a patch multiple with ``dynamic_pad``)."""
         H, W = x.shape[-2], x.shape[-1]
         ph, pw = self.patch_size
         if not self.dynamic:
@@ -129,6 +130,25 @@ class PatchEmbed(nn.Module):
             x = F.pad(x, [0, (pw - W % pw) % pw, 0, (ph - H % ph) % ph])
         else:
             check_patch_multiple(H, W, self.patch_size)
+        return x
+
+    def forward_patches(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) and patch indices (B, n) in row-major grid order -> the tokens (B, n, D) of those
+        patches only: the projection as one matmul on the gathered pixels (the convolution's weights), so a
+        masked autoencoder does not project the patches it drops. Equals ``forward(x)`` gathered at ``ids``
+        up to float rounding."""
+        x = self._checked(x)
+        B, C = x.shape[:2]
+        ph, pw = self.patch_size
+        h, w = x.shape[-2] // ph, x.shape[-1] // pw
+        pixels = x[..., :h * ph, :w * pw].reshape(B, C, h, ph, w, pw).permute(0, 2, 4, 1, 3, 5)
+        pixels = pixels.reshape(B, h * w, C * ph * pw)             # (B, N, C*ph*pw) in the weight's order
+        pixels = torch.gather(pixels, 1, ids.unsqueeze(-1).expand(-1, -1, pixels.shape[-1]))
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return self.norm(F.linear(pixels, weight, self.proj.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._checked(x)
         x = self.proj(x)                      # (B, D, h, w)
         x = x.permute(0, 2, 3, 1)             # (B, h, w, D)
         x = self.norm(x)
