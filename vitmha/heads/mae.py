@@ -124,7 +124,7 @@ def encode_visible(encoder: nn.Module, images: torch.Tensor, ids_keep: torch.Ten
     embed = encoder.patch_embed
     if hasattr(embed, "forward_patches"):
         kept = embed.forward_patches(images, ids_keep)                     # (B, n_visible, D)
-        B, n, D = kept.shape
+        B, _, D = kept.shape
         h, w = embed.dynamic_feat_size(tuple(images.shape[-2:]))
         tokens = kept.new_zeros(B, h * w, D).scatter(1, ids_keep.unsqueeze(-1).expand(-1, -1, D), kept)
         tokens = tokens.view(B, h, w, D) if getattr(embed, "dynamic", False) else tokens
